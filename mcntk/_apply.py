@@ -1,0 +1,220 @@
+"""Calling ``apply_fn``: the rng rule, x1/x2 keyword splitting and per-example calls.
+
+Keyword arguments given to a kernel function go to ``apply_fn`` as follows:
+
+* ``rng``: the key for ``f(x1)``; ``f(x2)`` gets the same key when ``x2`` is
+  ``None`` or equal to ``x1``, else ``jax.random.fold_in(rng, 1)``. Monte Carlo
+  estimators supply ``rng`` themselves (one dropout key per sample) when
+  ``apply_fn`` takes an ``rng`` argument or ``**kwargs``.
+* a 2-tuple ``(v1, v2)``: ``v1`` goes with ``x1`` and ``v2`` with ``x2``;
+* anything else goes to both calls.
+
+``vmap_axes`` (``in_axes``, ``out_axes``, ``kwargs_axes``) declares that the model
+maps examples independently along those axes, so Jacobians can be computed one
+example at a time: an int means the same axis for inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcntk._types import PyTree
+
+
+def accepts_rng(apply_fn: Callable[..., Any]) -> bool:
+    """Whether ``apply_fn`` has a parameter named ``rng`` or takes ``**kwargs``."""
+    fn = apply_fn
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return True
+        if p.name == "rng" and p.kind is not inspect.Parameter.POSITIONAL_ONLY:
+            return True
+    return False
+
+
+def same_inputs(x1: PyTree, x2: PyTree) -> Any:
+    """``x2`` equals ``x1``: a Python bool when decidable statically, else a traced bool."""
+    if x2 is None or x1 is x2:
+        return True
+    l1, t1 = jax.tree.flatten(x1)
+    l2, t2 = jax.tree.flatten(x2)
+    if t1 != t2 or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(l1, l2)):
+        return False
+    eq = [jnp.all(jnp.asarray(a) == jnp.asarray(b)) for a, b in zip(l1, l2)]
+    result = jnp.all(jnp.stack(eq)) if eq else jnp.array(True)
+    return result if _is_tracer(result) else bool(result)
+
+
+def _is_tracer(x: Any) -> bool:
+    try:
+        bool(x)
+    except jax.errors.ConcretizationTypeError:
+        return True
+    return False
+
+
+def second_key(key: Any, same: Any) -> Any:
+    """The rng key for ``f(x2)``: ``key`` when inputs are the same, else ``fold_in(key, 1)``."""
+    if same is True:
+        return key
+    if same is False:
+        return jax.random.fold_in(key, 1)
+    return jax.lax.cond(same, lambda: key, lambda: jax.random.fold_in(key, 1))
+
+
+def split_kwargs(kwargs: dict[str, Any], same: Any = True) -> tuple[dict, dict]:
+    """Splits kernel-function keyword arguments into those of ``f(x1)`` and ``f(x2)``."""
+    kw1: dict[str, Any] = {}
+    kw2: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if k == "rng" and v is not None:
+            kw1[k], kw2[k] = v, second_key(v, same)
+        elif isinstance(v, tuple) and len(v) == 2:
+            kw1[k], kw2[k] = v
+        else:
+            kw1[k] = kw2[k] = v
+    return kw1, kw2
+
+
+class VmapAxes(NamedTuple):
+    """Canonical ``vmap_axes``: batch axis of inputs, outputs and each keyword."""
+
+    in_axes: Any
+    out_axes: Any
+    kwargs_axes: dict[str, Any]
+
+
+def canonicalize_vmap_axes(vmap_axes: Any) -> VmapAxes | None:
+    """Validates ``vmap_axes``: None, an int, or ``(in_axes, out_axes, kwargs_axes)``."""
+    if vmap_axes is None:
+        return None
+    if isinstance(vmap_axes, bool):
+        raise TypeError(f"`vmap_axes` must be None, an int or a 3-tuple, got {vmap_axes!r}.")
+    if isinstance(vmap_axes, int):
+        return VmapAxes(vmap_axes, vmap_axes, {})
+    if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
+        in_axes, out_axes, kwargs_axes = vmap_axes
+        kwargs_axes = {} if kwargs_axes is None else kwargs_axes
+        if not isinstance(kwargs_axes, dict):
+            raise TypeError(
+                "`vmap_axes`=(in_axes, out_axes, kwargs_axes) needs kwargs_axes to be a dict "
+                f"from keyword name to axis, got {kwargs_axes!r}."
+            )
+        for name, axes in (("in_axes", in_axes), ("out_axes", out_axes)):
+            if axes is None:
+                raise ValueError(f"`vmap_axes` {name} must not be None, got {vmap_axes!r}.")
+        return VmapAxes(in_axes, out_axes, dict(kwargs_axes))
+    raise TypeError(
+        "`vmap_axes` must be None, an int or a tuple (in_axes, out_axes, kwargs_axes), "
+        f"got {vmap_axes!r}."
+    )
+
+
+def _broadcast(prefix: Any, tree: PyTree) -> list[Any]:
+    """Leaves of ``prefix`` broadcast to the leaves of ``tree``."""
+    if prefix is None or isinstance(prefix, int):
+        return [prefix] * len(jax.tree.leaves(tree))
+    return jax.tree.leaves(
+        jax.tree.map(lambda a, sub: jax.tree.map(lambda _: a, sub), prefix, tree,
+                     is_leaf=lambda a: a is None)
+    )
+
+
+def _canonical_leaf_axes(prefix: Any, tree: PyTree, ndim_extra: int = 0) -> PyTree:
+    """A pytree like ``tree`` holding each leaf's non-negative axis (or None)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    axes = _broadcast(prefix, tree)
+    out = []
+    for leaf, a in zip(leaves, axes):
+        if a is None:
+            out.append(None)
+        else:
+            nd = jnp.ndim(leaf) + ndim_extra
+            if not -nd <= a < nd:
+                raise ValueError(f"`vmap_axes` axis {a} is out of range for an array of "
+                                 f"shape {jnp.shape(leaf)}.")
+            out.append(a % nd)
+    return jax.tree.unflatten(treedef, out)
+
+
+class PerExample(NamedTuple):
+    """``apply_fn`` seen one example at a time (from ``vmap_axes``)."""
+
+    fn: Callable[[PyTree, PyTree, list], PyTree]  # (params, x_i, array_kwargs_i) -> output_i
+    x_axes: PyTree
+    kw_leaves: list[Any]  # the array leaves of the keyword arguments
+    kw_axes: list[Any]  # their batch axes (None: shared by all examples)
+    out_axes: PyTree  # non-negative batch axis of each output leaf (full output)
+
+    def vmap(self, fn: Callable, x: PyTree, out_axes: Any) -> Any:
+        """``vmap(fn)(x, kw_leaves)`` over the examples."""
+        return jax.vmap(fn, in_axes=(self.x_axes, self.kw_axes), out_axes=out_axes)(
+            x, self.kw_leaves)
+
+
+def per_example(apply_fn: Callable, axes: VmapAxes, params: PyTree, x: PyTree,
+                kwargs: dict[str, Any]) -> PerExample:
+    """Builds the single-example function for inputs ``x`` and keyword args ``kwargs``."""
+    unknown = sorted(set(axes.kwargs_axes) - set(kwargs))
+    if unknown:
+        raise ValueError(f"`vmap_axes` kwargs_axes names keyword(s) {unknown} that were not "
+                         f"passed; passed: {sorted(kwargs)}.")
+    x_axes = _canonical_leaf_axes(axes.in_axes, x)
+    dyn, rebuild, _ = partition_static(kwargs)
+    kw_axes_full = {k: _canonical_leaf_axes(axes.kwargs_axes.get(k), v) for k, v in kwargs.items()}
+    flat_axes = jax.tree.leaves(kw_axes_full, is_leaf=lambda a: a is None)
+    all_leaves = jax.tree.leaves(kwargs)
+    dyn_ids = [i for i, v in enumerate(all_leaves) if _is_dynamic(v)]
+    dyn_axes = [flat_axes[i] for i in dyn_ids]
+    for i, a in enumerate(flat_axes):
+        if a is not None and i not in dyn_ids:
+            raise ValueError(f"`vmap_axes` maps a keyword argument leaf that is not an array "
+                             f"({all_leaves[i]!r}); only array arguments can be batched.")
+
+    def expand(tree, tree_axes):
+        return jax.tree.map(lambda v, a: v if a is None else jnp.expand_dims(v, a), tree,
+                            tree_axes, is_leaf=lambda v: v is None)
+
+    out_struct = jax.eval_shape(lambda p, xx, kw: apply_fn(p, xx, **kw), params, x, kwargs)
+    out_axes = _canonical_leaf_axes(axes.out_axes, out_struct)
+
+    def fn(p, x_i, dyn_i):
+        dyn_full = [v if a is None else jnp.expand_dims(v, a) for v, a in zip(dyn_i, dyn_axes)]
+        out = apply_fn(p, expand(x_i, x_axes), **rebuild(dyn_full))
+        return jax.tree.map(lambda o, a: jnp.squeeze(o, a), out, out_axes)
+
+    return PerExample(fn, x_axes, dyn, dyn_axes, out_axes)
+
+
+def _is_dynamic(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray)) or hasattr(leaf, "__jax_array__")
+
+
+def partition_static(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree], tuple]:
+    """Splits a pytree into array leaves (traced) and everything else (kept static).
+
+    Python scalars stay static so that models may branch on them (``train=True``).
+    Returns the array leaves, a function rebuilding the tree from new array leaves,
+    and a hashable-when-possible description of the static part.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    dynamic_pos = [i for i, v in enumerate(leaves) if _is_dynamic(v)]
+    static = tuple((i, v) for i, v in enumerate(leaves) if i not in set(dynamic_pos))
+
+    def rebuild(dyn: list[Any]) -> PyTree:
+        out = list(leaves)
+        for i, v in zip(dynamic_pos, dyn):
+            out[i] = v
+        return jax.tree.unflatten(treedef, out)
+
+    return [leaves[i] for i in dynamic_pos], rebuild, (treedef, tuple(dynamic_pos), static)

@@ -1,0 +1,100 @@
+"""The sampler: the key schedule and a compiled loop over parameter samples.
+
+Sample ``s`` (1-based) of a run started from ``key`` uses::
+
+    key, split = jax.random.split(key)              # advanced once per sample
+    init_key, dropout_key = jax.random.split(split)
+    params = init_fn(init_key, input_shape)[1]
+
+and ``dropout_key`` is the ``rng`` of ``f(x1)`` (``f(x2)`` follows the rule of
+:mod:`mcntk._apply`). This is neural-tangents' schedule, so the same key gives the
+same estimate. The loop over samples is a ``lax.fori_loop`` with a traced trip
+count inside one ``jax.jit``: any number of samples reuses one compilation, and a
+run can stop and continue from the returned key. ``samples_per_step > 1`` vmaps
+that many samples per loop step (more parallelism, more memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mcntk._apply import second_key
+from mcntk._types import PyTree
+
+SAMPLES_PER_STEP = 1
+
+# (params, key1, key2, x1, x2, dyn_kwargs) -> pytree of one-sample kernels
+OneSample = Callable[[PyTree, Any, Any, PyTree, PyTree, Any], PyTree]
+
+
+def sample_keys(key: Any) -> tuple[Any, Any, Any]:
+    """``(next_key, init_key, dropout_key)`` for one sample."""
+    key, split = jax.random.split(key)
+    init_key, dropout_key = jax.random.split(split)
+    return key, init_key, dropout_key
+
+
+def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
+                samples_per_step: int | None = None) -> Runner:
+    """A jitted ``run(acc, key, n, x1, x2, same, dyn) -> (acc + sum of n samples, key)``.
+
+    ``x2`` may be None (then ``f(x1)`` serves both sides). ``same`` says whether the
+    x2 side uses the same dropout key as x1.
+    """
+    per_step = samples_per_step or SAMPLES_PER_STEP
+
+    def one(key, x1, x2, same, dyn):
+        key, init_key, dropout_key = sample_keys(key)
+        params = init_fn(init_key, input_shape)[1]
+        k2 = dropout_key if x2 is None else second_key(dropout_key, same)
+        return key, one_sample(params, dropout_key, k2, x1, x2, dyn)
+
+    def add(a, b):
+        return jax.tree.map(jnp.add, a, b)
+
+    def run(acc, key, n, x1, x2, same, dyn):
+        def single(_, carry):
+            acc, key = carry
+            key, k = one(key, x1, x2, same, dyn)
+            return add(acc, k), key
+
+        if per_step > 1:
+            def step(_, carry):
+                acc, key = carry
+
+                def split(k, _):
+                    k, s = jax.random.split(k)
+                    return k, s
+
+                key_out, splits = jax.lax.scan(split, key, length=per_step)
+
+                def from_split(s):
+                    init_key, dropout_key = jax.random.split(s)
+                    params = init_fn(init_key, input_shape)[1]
+                    k2 = dropout_key if x2 is None else second_key(dropout_key, same)
+                    return one_sample(params, dropout_key, k2, x1, x2, dyn)
+
+                ks = jax.vmap(from_split)(splits)
+                return add(acc, jax.tree.map(lambda v: v.sum(0), ks)), key_out
+
+            acc, key = jax.lax.fori_loop(0, n // per_step, step, (acc, key))
+            n = n % per_step
+        return jax.lax.fori_loop(0, n, single, (acc, key))
+
+    def zeros(key, x1, x2, same, dyn):
+        shapes = jax.eval_shape(lambda *a: one(*a)[1], key, x1, x2, same, dyn)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    return Runner(jax.jit(run), zeros)
+
+
+class Runner(NamedTuple):
+    """``run(acc, key, n, x1, x2, same, dyn) -> (acc, key)`` and ``zeros(...)`` giving the
+    initial accumulator for the same arguments (without ``acc`` and ``n``)."""
+
+    run: Callable
+    zeros: Callable

@@ -1,0 +1,152 @@
+"""Kernels of one network with given parameters (one Monte Carlo sample).
+
+These are the building blocks neural-tangents users know. ``f`` is an
+``apply_fn(params, x, **kwargs)``. The meaning of ``trace_axes``,
+``diagonal_axes`` and of keyword arguments (``rng``, 2-tuples) is explained once,
+in :mod:`mcntk._axes` and :mod:`mcntk._apply` (and in docs/axes.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from mcntk import _apply, _axes, ntk
+from mcntk._types import (
+    NtkImplementation,
+    PyTree,
+    canonicalize_get,
+    pack_result,
+    unpack_implementation,
+)
+from mcntk.ntk import auto
+
+
+class KernelSpec:
+    """Everything about a kernel that does not depend on the inputs (validated once)."""
+
+    def __init__(self, apply_fn: Callable, trace_axes: Any = (-1,), diagonal_axes: Any = (),
+                 vmap_axes: Any = None,
+                 implementation: Any = NtkImplementation.AUTO):
+        if not callable(apply_fn):
+            raise TypeError(f"`apply_fn` must be callable, got {apply_fn!r}.")
+        trace = _axes.check_axes_arg(trace_axes, "trace_axes")
+        diagonal = _axes.check_axes_arg(diagonal_axes, "diagonal_axes")
+        _axes.check_disjoint_static(trace, diagonal)
+        self.apply_fn = apply_fn
+        self.axes = ntk.Axes(trace, diagonal)
+        self.vmap_axes = _apply.canonicalize_vmap_axes(vmap_axes)
+        self.implementation = unpack_implementation(implementation)
+        ntk.check_available(self.implementation)
+
+    def side(self, params: PyTree, x: PyTree, kwargs: dict, per_example: bool) -> ntk.Side:
+        fn = lambda p: self.apply_fn(p, x, **kwargs)
+        pe = None
+        if per_example and self.vmap_axes is not None:
+            pe = _apply.per_example(self.apply_fn, self.vmap_axes, params, x, kwargs)
+        return ntk.Side(fn, x, pe)
+
+    def kernels(self, names: tuple[str, ...], params: PyTree, x1: PyTree, x2: PyTree | None,
+                kw1: dict, kw2: dict,
+                implementation: NtkImplementation | None = None) -> dict[str, PyTree]:
+        """The kernels ``names`` of one parameter sample; ``x2=None`` reuses ``f(x1)``.
+
+        Traceable. ``implementation`` must be concrete (AUTO resolved by the caller).
+        """
+        want_ntk = "ntk" in names
+        side1 = self.side(params, x1, kw1, want_ntk)
+        side2 = None if x2 is None else self.side(params, x2, kw2, want_ntk)
+        out: dict[str, PyTree] = {}
+        if want_ntk:
+            impl = implementation or self.implementation
+            fx1, fx2, out["ntk"] = ntk.get(impl)(side1, side2, params, self.axes)
+        else:
+            fx1 = side1.fn(params)
+            fx2 = fx1 if side2 is None else side2.fn(params)
+        if "nngp" in names:
+            out["nngp"] = ntk.nngp(self.axes, fx1, fx2)
+        return out
+
+    def resolve(self, names: tuple[str, ...], make_fn: Callable[[NtkImplementation], Callable],
+                args: tuple, key: Hashable | None) -> NtkImplementation:
+        """The concrete implementation to use for these argument shapes."""
+        if self.implementation != NtkImplementation.AUTO or "ntk" not in names:
+            return (self.implementation if self.implementation != NtkImplementation.AUTO
+                    else NtkImplementation.JACOBIAN_CONTRACTION)
+        return auto.choose(make_fn, args, key)
+
+    def __call__(self, names, params, x1, x2, kwargs):
+        """Kernels with ``kwargs`` split by the x1/x2 rule, AUTO resolved by cost."""
+        kw1, kw2 = _apply.split_kwargs(kwargs, _apply.same_inputs(x1, x2))
+        dyn, rebuild, static = _apply.partition_static((kw1, kw2))
+
+        def make_fn(impl):
+            def fn(p, a, b, d):
+                k1, k2 = rebuild(d)
+                return self.kernels(names, p, a, b, k1, k2, impl)
+            return fn
+
+        args = (params, x1, x2, dyn)
+        try:
+            key = (id(self), names, auto.signature(*args), hash(static))
+        except TypeError:
+            key = None
+        impl = self.resolve(names, make_fn, args, key)
+        return make_fn(impl)(*args)
+
+
+def empirical_kernel_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any = (),
+                        vmap_axes: Any = None,
+                        implementation: Any = NtkImplementation.AUTO) -> Callable:
+    """Returns ``kernel_fn(x1, x2=None, get=None, params=None, **apply_fn_kwargs)``.
+
+    The returned function computes the NNGP ``f(x1) f(x2)^T`` and/or the NTK
+    ``J(x1) J(x2)^T`` of ``f`` at ``params``, with the axes rule of
+    ``trace_axes``/``diagonal_axes``. ``get`` is ``None`` (an ``EmpiricalKernel``),
+    ``'nngp'``/``'ntk'`` (an array) or a tuple of names (a namedtuple).
+
+    Example:
+      >>> import jax, mcntk
+      >>> from jax.example_libraries import stax
+      >>> init_fn, apply_fn = stax.serial(stax.Dense(8), stax.Relu, stax.Dense(2))
+      >>> _, params = init_fn(jax.random.PRNGKey(0), (3, 4))
+      >>> x = jax.numpy.ones((3, 4))
+      >>> kernel_fn = mcntk.empirical_kernel_fn(apply_fn)
+      >>> kernel_fn(x, None, 'ntk', params).shape
+      (3, 3)
+    """
+    spec = KernelSpec(f, trace_axes, diagonal_axes, vmap_axes, implementation)
+
+    def kernel_fn(x1, x2=None, get=None, params=None, **apply_fn_kwargs):
+        names, single = canonicalize_get(get)
+        if params is None:
+            raise TypeError("`params` must be given to an empirical kernel function.")
+        values = spec(names, params, x1, x2, apply_fn_kwargs)
+        return pack_result(values, names, single, "EmpiricalKernel", asked_none=get is None)
+
+    return kernel_fn
+
+
+def empirical_nngp_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any = ()) -> Callable:
+    """Returns ``nngp_fn(x1, x2, params, **apply_fn_kwargs)``: the NNGP ``f(x1) f(x2)^T``."""
+    spec = KernelSpec(f, trace_axes, diagonal_axes)
+
+    def nngp_fn(x1, x2, params, **apply_fn_kwargs):
+        return spec(("nngp",), params, x1, x2, apply_fn_kwargs)["nngp"]
+
+    return nngp_fn
+
+
+def empirical_ntk_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any = (),
+                     vmap_axes: Any = None,
+                     implementation: Any = NtkImplementation.AUTO) -> Callable:
+    """Returns ``ntk_fn(x1, x2, params, **apply_fn_kwargs)``: the NTK ``J(x1) J(x2)^T``."""
+    spec = KernelSpec(f, trace_axes, diagonal_axes, vmap_axes, implementation)
+
+    def ntk_fn(x1, x2, params, **apply_fn_kwargs):
+        return spec(("ntk",), params, x1, x2, apply_fn_kwargs)["ntk"]
+
+    return ntk_fn
+
+
+__all__ = ["empirical_kernel_fn", "empirical_nngp_fn", "empirical_ntk_fn", "KernelSpec"]
