@@ -72,6 +72,18 @@ def second_key(key: Any, same: Any) -> Any:
     return jax.lax.cond(same, lambda: key, lambda: jax.random.fold_in(key, 1))
 
 
+def reuse_x1(x1: PyTree, x2: PyTree, kwargs: dict[str, Any]) -> bool:
+    """Whether ``f(x2)`` is ``f(x1)``: x2 is None, or equals x1 with no per-side keywords.
+
+    Then ``f(x1)`` and its derivatives are computed once and serve both sides.
+    """
+    if x2 is None:
+        return True
+    if any(isinstance(v, tuple) and len(v) == 2 for v in kwargs.values()):
+        return False
+    return same_inputs(x1, x2) is True
+
+
 def split_kwargs(kwargs: dict[str, Any], same: Any = True) -> tuple[dict, dict]:
     """Splits kernel-function keyword arguments into those of ``f(x1)`` and ``f(x2)``."""
     kw1: dict[str, Any] = {}

@@ -77,6 +77,8 @@ class KernelSpec:
 
     def __call__(self, names, params, x1, x2, kwargs):
         """Kernels with ``kwargs`` split by the x1/x2 rule, AUTO resolved by cost."""
+        if _apply.reuse_x1(x1, x2, kwargs):
+            x2 = None
         kw1, kw2 = _apply.split_kwargs(kwargs, _apply.same_inputs(x1, x2))
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
 

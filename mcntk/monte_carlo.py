@@ -223,6 +223,8 @@ class _Estimator:
         x1 = jax.tree.map(jnp.asarray, x1)
         x2 = None if x2 is None else jax.tree.map(jnp.asarray, x2)
         same = _apply.same_inputs(x1, x2)
+        if _apply.reuse_x1(x1, x2, kwargs):
+            x2 = None
         kw1, kw2 = _apply.split_kwargs(kwargs)
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
         input_shape = jax.tree.map(lambda a: tuple(a.shape), x1)

@@ -1,0 +1,162 @@
+"""mcntk against the brute-force reference (explicit Jacobians, explicit axes rule)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.example_libraries import stax
+from mcntk_reference import monte_carlo, stax_serial
+
+import mcntk
+
+N_SAMPLES = 2
+
+
+def close(actual, expected, rtol=2e-4):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, (a.shape, e.shape)
+        scale = max(np.abs(e).max(), 1e-6)
+        assert np.abs(a - e).max() <= rtol * scale, np.abs(a - e).max() / scale
+
+
+def _x(key, shape):
+    return jax.random.normal(jax.random.PRNGKey(key), shape)
+
+
+MLP = (lambda: stax_serial(stax.Dense(8), stax.Relu, stax.Dense(3)), (5, 4), (3, 4))
+CNN = (lambda: stax_serial(stax.Conv(4, (3, 3), padding="SAME"), stax.Relu, stax.Flatten,
+                           stax.Dense(3)), (3, 5, 5, 2), (2, 5, 5, 2))
+FCN = (lambda: stax_serial(stax.Conv(4, (3, 3), padding="SAME"), stax.Relu,
+                           stax.Conv(3, (3, 3), padding="SAME")), (2, 4, 5, 2), (3, 4, 5, 2))
+TUPLE = (lambda: stax_serial(stax.Dense(8), stax.Relu, stax.FanOut(2),
+                             stax.parallel(stax.Dense(3), stax.Dense(2))), (4, 3), (2, 3))
+
+CASES = {
+    "mlp": (MLP, (-1,), ()),
+    "mlp_no_trace": (MLP, (), ()),
+    "mlp_diag_out": (MLP, (), (-1,)),
+    "cnn": (CNN, (-1,), ()),
+    "fcn_trace_c": (FCN, (-1,), ()),
+    "fcn_diag_h": (FCN, (-1,), (1,)),
+    "fcn_trace_hw": (FCN, (1, 2), ()),
+    "fcn_diag_c": (FCN, (), (-1,)),
+    "fcn_trace_hw_diag_c": (FCN, (1, 2), (3,)),
+    "tuple": (TUPLE, (-1,), ()),
+}
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+@pytest.mark.parametrize("vmap_axes", [None, 0])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference(name, vmap_axes, implementation):
+    (make, s1, s2), trace_axes, diagonal_axes = CASES[name]
+    init_fn, apply_fn = make()
+    x1, x2 = _x(1, s1), _x(2, s2)
+    key = jax.random.PRNGKey(3)
+    kernel_fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES,
+                                            trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                                            vmap_axes=vmap_axes, implementation=implementation)
+    expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, x2, trace_axes, diagonal_axes)
+    got = kernel_fn(x1, x2)
+    close(got.nngp, expected["nngp"])
+    close(got.ntk, expected["ntk"])
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+@pytest.mark.parametrize("diagonal_axes", [(), (0,)])
+def test_x2_none_reference(implementation, diagonal_axes):
+    init_fn, apply_fn = FCN[0]()
+    x1 = _x(1, FCN[1])
+    key = jax.random.PRNGKey(4)
+    got = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES,
+                                      diagonal_axes=diagonal_axes,
+                                      implementation=implementation)(x1)
+    expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, None, (-1,), diagonal_axes)
+    close(got.nngp, expected["nngp"])
+    close(got.ntk, expected["ntk"])
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+@pytest.mark.parametrize("x2_kind", ["none", "equal", "other"])
+def test_dropout_key_rule(implementation, x2_kind):
+    init_fn, apply_fn = stax_serial(stax.Dense(16), stax.Relu, stax.Dropout(0.5, mode="train"),
+                                    stax.Dense(3))
+    x1 = _x(1, (4, 3))
+    x2 = {"none": None, "equal": x1 + 0.0, "other": _x(2, (4, 3))}[x2_kind]
+    key = jax.random.PRNGKey(5)
+    got = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES,
+                                      implementation=implementation)(x1, x2)
+    expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, x2)
+    close(got.nngp, expected["nngp"])
+    close(got.ntk, expected["ntk"])
+    if x2_kind != "other":  # the same key on both sides: a symmetric kernel
+        np.testing.assert_allclose(got.nngp, got.nngp.T, rtol=1e-6, atol=1e-6)
+
+
+def _pytree_model():
+    def init_fn(key, input_shape):
+        ka, kb, kv = jax.random.split(key, 3)
+        params = {"wa": jax.random.normal(ka, (input_shape["a"][-1], 6)),
+                  "wb": jax.random.normal(kb, (input_shape["b"][-1], 6)),
+                  "v": jax.random.normal(kv, (6, 2))}
+        return (input_shape["a"][0], 2), params
+
+    def apply_fn(params, x):  # a plain f(params, x): no rng argument
+        h = jax.nn.relu(x["a"] @ params["wa"] + x["b"] @ params["wb"])
+        return {"out": h @ params["v"], "hidden": h}
+
+    return init_fn, apply_fn
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+@pytest.mark.parametrize("vmap_axes", [None, 0])
+def test_pytree_inputs_and_outputs(implementation, vmap_axes):
+    init_fn, apply_fn = _pytree_model()
+    x1 = {"a": _x(1, (3, 4)), "b": _x(2, (3, 2))}
+    x2 = {"a": _x(3, (2, 4)), "b": _x(4, (2, 2))}
+    key = jax.random.PRNGKey(6)
+    got = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES, vmap_axes=vmap_axes,
+                                      implementation=implementation)(x1, x2)
+    expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, x2, rng=False)
+    assert set(got.ntk) == {"out", "hidden"}
+    close(got.nngp, expected["nngp"])
+    close(got.ntk, expected["ntk"])
+
+
+def _kwargs_model():
+    def init_fn(key, input_shape):
+        return (input_shape[0], 2), {"w": jax.random.normal(key, (input_shape[-1], 2))}
+
+    def apply_fn(params, x, scale=1.0, shift=None, **kwargs):
+        del kwargs
+        out = jnp.tanh(x @ params["w"]) * scale
+        return out if shift is None else out + shift
+
+    return init_fn, apply_fn
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+def test_kwargs_split_and_shared(implementation):
+    init_fn, apply_fn = _kwargs_model()
+    x1, x2 = _x(1, (3, 4)), _x(2, (2, 4))
+    shift = jnp.array([[0.5, -0.5]])
+    key = jax.random.PRNGKey(7)
+    got = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES,
+                                      implementation=implementation)(
+        x1, x2, None, scale=(2.0, 3.0), shift=shift)
+
+    total = None
+    k = key
+    for _ in range(N_SAMPLES):
+        k, split = jax.random.split(k)
+        init_key, _ = jax.random.split(split)
+        params = init_fn(init_key, x1.shape)[1]
+        f1 = lambda p: apply_fn(p, x1, scale=2.0, shift=shift)
+        f2 = lambda p: apply_fn(p, x2, scale=3.0, shift=shift)
+        j1, j2 = jax.jacobian(f1)(params)["w"], jax.jacobian(f2)(params)["w"]
+        ntk = np.einsum("icab,jcab->ij", j1, j2) / 2
+        nngp = np.einsum("ic,jc->ij", f1(params), f2(params)) / 2
+        total = (ntk, nngp) if total is None else (total[0] + ntk, total[1] + nngp)
+    close(got.ntk, total[0] / N_SAMPLES)
+    close(got.nngp, total[1] / N_SAMPLES)
