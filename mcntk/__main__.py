@@ -1,0 +1,24 @@
+"""The ``mcntk`` command: ``mcntk demo [options]`` (or ``python -m mcntk demo``)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"demo": "run a Monte Carlo NTK on built-in data and compare it with the "
+                        "infinite-width kernel"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: mcntk COMMAND [options]\n\ncommands:")
+        for name, help_text in commands.items():
+            print(f"  {name:8} {help_text}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from mcntk import demo
+
+    demo.main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Invariances: batched == unbatched, generator == int calls, one compilation, ..."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.example_libraries import stax
+from mcntk_reference import lenient, stax_serial
+
+import mcntk
+from mcntk import _sampler
+
+
+def _fcn():
+    return stax_serial(stax.Conv(3, (3, 3), padding="SAME"), stax.Relu,
+                       stax.Conv(2, (3, 3), padding="SAME"))
+
+
+def _mlp():
+    return stax_serial(stax.Dense(6), stax.Relu, stax.Dense(2))
+
+
+def _x(key, shape):
+    return jax.random.normal(jax.random.PRNGKey(key), shape)
+
+
+def close(a, b, rtol=1e-5):
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=rtol * max(
+        float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(b)))
+
+
+BATCH_CASES = [  # (batch_size, x2 is None, diagonal_axes, fully convolutional)
+    (1, False, (), False), (2, False, (), False), (4, False, (), False), (7, False, (), False),
+    (2, True, (), False), (3, True, (), False), (2, False, (0,), False), (3, True, (0,), False),
+    (2, False, (1,), True), (2, True, (-1,), True), (3, False, (0,), True),
+]
+
+
+@pytest.mark.parametrize("batch_size,x2_none,diagonal_axes,conv", BATCH_CASES)
+def test_batched_equals_unbatched(batch_size, x2_none, diagonal_axes, conv):
+    init_fn, apply_fn = _fcn() if conv else _mlp()
+    shape = (4, 4, 2) if conv else (3,)
+    x1 = _x(1, (5, *shape))
+    x2 = None if x2_none else _x(2, (5 if 0 in diagonal_axes else 3, *shape))
+    key = jax.random.PRNGKey(0)
+    make = lambda b, sod=True: mcntk.monte_carlo_kernel_fn(
+        init_fn, apply_fn, key, 2, batch_size=b, store_on_device=sod,
+        trace_axes=() if conv else (-1,), diagonal_axes=diagonal_axes, implementation=1)
+    whole = make(0)(x1, x2)
+    blocked = make(batch_size)(x1, x2)
+    close(blocked, whole)
+    host = make(batch_size, False)(x1, x2)
+    assert all(isinstance(v, np.ndarray) for v in jax.tree.leaves(host))
+    close(host, whole)
+
+
+@pytest.mark.parametrize("batch_size", [0, 2])
+def test_generator_equals_int_calls(batch_size):
+    init_fn, apply_fn = _mlp()
+    x1, x2 = _x(1, (3, 3)), _x(2, (2, 3))
+    key = jax.random.PRNGKey(1)
+    counts = [3, 1, 6, 3]
+    gen = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, counts, batch_size=batch_size)(
+        x1, x2, ("ntk", "nngp"))
+    assert not isinstance(gen, (list, tuple))
+    for n, est in zip([1, 3, 6], gen):
+        one = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, n, batch_size=batch_size)(
+            x1, x2, ("ntk", "nngp"))
+        assert type(est).__name__ == "MonteCarloKernel"
+        close(est, one)
+
+
+def test_generator_is_lazy_and_incremental():
+    calls = []
+
+    def init_fn(key, shape):
+        return shape, {"w": jax.random.normal(key, (shape[-1], 2))}
+
+    def apply_fn(params, x):
+        return x @ params["w"]
+
+    x = _x(1, (3, 4))
+    # count samples through a host callback that runs once per evaluated sample
+    def counting_apply(params, x):
+        jax.debug.callback(lambda: calls.append(1))
+        return apply_fn(params, x)
+
+    kernel_fn = mcntk.monte_carlo_kernel_fn(init_fn, counting_apply, jax.random.PRNGKey(0),
+                                            (1, 10, 100))
+    gen = kernel_fn(x, None, "nngp")
+    assert calls == []  # nothing runs until asked
+    results = list(gen)
+    jax.effects_barrier()
+    assert len(results) == 3
+    assert len(calls) == 100  # 100 samples in all, not 111
+
+
+def test_one_compilation_serves_any_n_samples():
+    traces = []
+
+    def apply_fn(params, x):
+        traces.append(1)  # runs at trace time only
+        return jnp.tanh(x @ params["w"])
+
+    def init_fn(key, shape):
+        return shape, {"w": jax.random.normal(key, (shape[-1], 3))}
+
+    x = _x(1, (4, 5))
+    kernel_fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0),
+                                            [1, 7, 1000], implementation=1)
+    gen = kernel_fn(x, None, "ntk")
+    next(gen)
+    after_first = len(traces)
+    list(gen)
+    assert len(traces) == after_first  # 7 and 1000 samples: no new trace
+
+
+def test_samples_per_step_matches(monkeypatch):
+    init_fn, apply_fn = _mlp()
+    x1, x2 = _x(1, (3, 3)), _x(2, (2, 3))
+    key = jax.random.PRNGKey(2)
+    ref = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7)(x1, x2)
+    monkeypatch.setattr(_sampler, "SAMPLES_PER_STEP", 3)
+    chunked = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7)(x1, x2)
+    close(chunked, ref)
+
+
+@pytest.mark.parametrize("vmap_axes,trace_axes,diagonal_axes", [
+    (None, (-1,), ()), (0, (-1,), ()), (None, (), ()), (0, (1, 2), (3,)), (None, (-1,), (1,)),
+    (0, (), (0,))])
+def test_implementations_agree(vmap_axes, trace_axes, diagonal_axes):
+    init_fn, apply_fn = _fcn()
+    x1 = _x(1, (3, 4, 4, 2))
+    x2 = x1[:3] * 0.5 if 0 in diagonal_axes else _x(2, (2, 4, 4, 2))
+    key = jax.random.PRNGKey(3)
+    results = [mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, trace_axes=trace_axes,
+                                           diagonal_axes=diagonal_axes, vmap_axes=vmap_axes,
+                                           implementation=i)(x1, x2, "ntk") for i in (0, 1, 2)]
+    close(results[1], results[0])
+    close(results[2], results[1])
+
+
+def test_vmap_axes_match_without():
+    init_fn, apply_fn = _mlp()
+    x1, x2 = _x(1, (3, 3)), _x(2, (2, 3))
+    key = jax.random.PRNGKey(4)
+    a = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2)(x1, x2)
+    b = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, vmap_axes=0)(x1, x2)
+    c = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, vmap_axes=(0, 0, {}))(x1, x2)
+    close(b, a)
+    close(c, a)
+
+
+def test_vmap_axes_non_leading_and_kwargs():
+    """Batch axis 1 for inputs and outputs, and a per-example keyword argument."""
+    def init_fn(key, shape):
+        return shape, {"w": jax.random.normal(key, (shape[-1], 3))}
+
+    def apply_fn(params, x, bias):  # x: (T, N, D), bias: (N, 3)
+        return jnp.tanh(x @ params["w"] + bias[None])
+
+    x1, x2 = _x(1, (2, 4, 5)), _x(2, (2, 3, 5))
+    b1, b2 = _x(3, (4, 3)), _x(4, (3, 3))
+    key = jax.random.PRNGKey(5)
+    kw = dict(trace_axes=(-1,), diagonal_axes=())
+    plain = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, **kw)(x1, x2, "ntk",
+                                                                         bias=(b1, b2))
+    mapped = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, vmap_axes=(1, 1, {"bias": 0}),
+                                         **kw)(x1, x2, "ntk", bias=(b1, b2))
+    chex.assert_shape(plain, (2, 2, 4, 3))
+    close(mapped, plain)
+
+
+def test_x2_none_equals_x2_x1():
+    init_fn, apply_fn = stax_serial(stax.Dense(8), stax.Relu, stax.Dropout(0.7, mode="train"),
+                                    stax.Dense(2))
+    x = _x(1, (4, 3))
+    kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(6), 3)
+    close(kf(x, None), kf(x, x + 0.0))
+
+
+def test_jitted_kernel_fn_inputs_and_lenient_apply():
+    """A jitted apply_fn is accepted and still gets rng."""
+    init_fn, apply_fn = stax.serial(stax.Dense(8), stax.Relu, stax.Dropout(0.5, mode="train"),
+                                    stax.Dense(2))
+    jitted = jax.jit(lenient(apply_fn))
+    x = _x(1, (4, 3))
+    a = mcntk.monte_carlo_kernel_fn(init_fn, jitted, jax.random.PRNGKey(7), 2)(x, None, "nngp")
+    b = mcntk.monte_carlo_kernel_fn(init_fn, lenient(apply_fn), jax.random.PRNGKey(7), 2)(
+        x, None, "nngp")
+    close(a, b)
+
+
+def test_typed_key_matches_raw_key():
+    init_fn, apply_fn = _mlp()
+    x = _x(1, (2, 3))
+    raw = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(8), 2)(x, None, "ntk")
+    typed = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.wrap_key_data(
+        jax.random.PRNGKey(8)), 2)(x, None, "ntk")
+    close(typed, raw)
