@@ -230,3 +230,17 @@ def partition_static(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyT
         return jax.tree.unflatten(treedef, out)
 
     return [leaves[i] for i in dynamic_pos], rebuild, (treedef, tuple(dynamic_pos), static)
+
+
+def split_trainable(params: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree]]:
+    """The inexact (floating or complex) leaves of ``params``, and a function putting
+    new values for them back among the other leaves, which stay constant."""
+    leaves, treedef = jax.tree.flatten(params)
+    keep = [jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v in leaves]
+    trainable = [v for v, k in zip(leaves, keep) if k]
+
+    def merge(values: list[Any]) -> PyTree:
+        it = iter(values)
+        return jax.tree.unflatten(treedef, [next(it) if k else v for v, k in zip(leaves, keep)])
+
+    return trainable, merge

@@ -38,6 +38,21 @@ def sample_keys(key: Any) -> tuple[Any, Any, Any]:
     return key, init_key, dropout_key
 
 
+def materialized_params(init_fn: Callable, init_key: Any, input_shape: Any, live: Any) -> PyTree:
+    """``init_fn(init_key, input_shape)[1]``, computed behind a conditional.
+
+    ``live`` is a traced bool that is always true. Without the conditional, XLA may
+    fuse the element-wise tail of parameter sampling (e.g. the inverse error
+    function of a normal draw) into the huge Jacobian fusions downstream and
+    recompute it for every Jacobian entry: 2-3x slower on CPU. A conditional's
+    result is materialised once.
+    """
+    init = lambda: init_fn(init_key, input_shape)[1]
+    shapes = jax.eval_shape(init)
+    return jax.lax.cond(live, init,
+                        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+
 def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
                 samples_per_step: int | None = None) -> Runner:
     """A jitted ``run(acc, key, n, x1, x2, same, dyn) -> (acc + sum of n samples, key)``.
@@ -47,9 +62,9 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
     """
     per_step = samples_per_step or SAMPLES_PER_STEP
 
-    def one(key, x1, x2, same, dyn):
+    def one(key, x1, x2, same, dyn, live):
         key, init_key, dropout_key = sample_keys(key)
-        params = init_fn(init_key, input_shape)[1]
+        params = materialized_params(init_fn, init_key, input_shape, live)
         k2 = dropout_key if x2 is None else second_key(dropout_key, same)
         return key, one_sample(params, dropout_key, k2, x1, x2, dyn)
 
@@ -57,13 +72,13 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
         return jax.tree.map(jnp.add, a, b)
 
     def run(acc, key, n, x1, x2, same, dyn):
-        def single(_, carry):
+        def single(i, carry):
             acc, key = carry
-            key, k = one(key, x1, x2, same, dyn)
+            key, k = one(key, x1, x2, same, dyn, i < n)
             return add(acc, k), key
 
         if per_step > 1:
-            def step(_, carry):
+            def step(i, carry):
                 acc, key = carry
 
                 def split(k, _):
@@ -74,7 +89,7 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
 
                 def from_split(s):
                     init_key, dropout_key = jax.random.split(s)
-                    params = init_fn(init_key, input_shape)[1]
+                    params = materialized_params(init_fn, init_key, input_shape, i < n)
                     k2 = dropout_key if x2 is None else second_key(dropout_key, same)
                     return one_sample(params, dropout_key, k2, x1, x2, dyn)
 
@@ -86,7 +101,7 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
         return jax.lax.fori_loop(0, n, single, (acc, key))
 
     def zeros(key, x1, x2, same, dyn):
-        shapes = jax.eval_shape(lambda *a: one(*a)[1], key, x1, x2, same, dyn)
+        shapes = jax.eval_shape(lambda *a: one(*a, True)[1], key, x1, x2, same, dyn)
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     return Runner(jax.jit(run), zeros)

@@ -39,11 +39,12 @@ class KernelSpec:
         self.implementation = unpack_implementation(implementation)
         ntk.check_available(self.implementation)
 
-    def side(self, params: PyTree, x: PyTree, kwargs: dict, per_example: bool) -> ntk.Side:
-        fn = lambda p: self.apply_fn(p, x, **kwargs)
+    def side(self, apply_fn: Callable, params: PyTree, x: PyTree, kwargs: dict,
+             per_example: bool) -> ntk.Side:
+        fn = lambda p: apply_fn(p, x, **kwargs)
         pe = None
         if per_example and self.vmap_axes is not None:
-            pe = _apply.per_example(self.apply_fn, self.vmap_axes, params, x, kwargs)
+            pe = _apply.per_example(apply_fn, self.vmap_axes, params, x, kwargs)
         return ntk.Side(fn, x, pe)
 
     def kernels(self, names: tuple[str, ...], params: PyTree, x1: PyTree, x2: PyTree | None,
@@ -54,8 +55,13 @@ class KernelSpec:
         Traceable. ``implementation`` must be concrete (AUTO resolved by the caller).
         """
         want_ntk = "ntk" in names
-        side1 = self.side(params, x1, kw1, want_ntk)
-        side2 = None if x2 is None else self.side(params, x2, kw2, want_ntk)
+        # only floating-point leaves are parameters; integer leaves (counters, ids)
+        # are held fixed, like a framework's non-trainable state
+        trainable, merge = _apply.split_trainable(params)
+        apply_fn = lambda p, x, **kw: self.apply_fn(merge(p), x, **kw)
+        side1 = self.side(apply_fn, trainable, x1, kw1, want_ntk)
+        side2 = None if x2 is None else self.side(apply_fn, trainable, x2, kw2, want_ntk)
+        params = trainable
         out: dict[str, PyTree] = {}
         if want_ntk:
             impl = implementation or self.implementation

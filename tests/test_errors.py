@@ -44,7 +44,7 @@ def test_n_samples(model, n_samples, error, match):
 @pytest.mark.parametrize("get,error,match", [
     ((), ValueError, r"`get` must name at least one kernel .*'nngp', 'ntk'"),
     (("ntk", "NTK"), ValueError, r"`get` names a kernel twice.*'nngp', 'ntk'"),
-    ("nngp_ntk", ValueError, r"unknown kernel name\(s\) \['nngp_ntk'\]; valid names are 'nngp', 'ntk'"),
+    ("nngp_ntk", ValueError, r"unknown kernel name\(s\) \['nngp_ntk'\]; valid names are 'nngp', 'ntk'"),  # noqa: E501
     (("ntk", "cov1"), ValueError, r"\['cov1'\]; valid names are 'nngp', 'ntk'"),
     (3, TypeError, r"`get` must be None, a kernel name or a tuple.*got 3"),
     (("ntk", 1), TypeError, r"`get` entries must be strings.*got 1"),
@@ -59,7 +59,7 @@ def test_get(model, x, get, error, match):
     (dict(diagonal_axes=(-3,)), ValueError, r"`diagonal_axes`=\(-3,\) has axis -3, out of range"),
     (dict(trace_axes=(-1,), diagonal_axes=(1,)), ValueError,
      r"output axes \[1\] are both traced .* and diagonal"),
-    (dict(trace_axes=(0, -2)), ValueError, r"`trace_axes`=\(0, -2\) names the same output axis twice"),
+    (dict(trace_axes=(0, -2)), ValueError, r"`trace_axes`=\(0, -2\) names the same output axis twice"),  # noqa: E501
 ])
 def test_axes_at_call(model, x, kwargs, error, match):
     kernel_fn = make(model, **kwargs)
@@ -71,8 +71,8 @@ def test_axes_at_call(model, x, kwargs, error, match):
     (dict(trace_axes=(-1,), diagonal_axes=(-1,)), ValueError,
      r"axes \[-1\] are in both `trace_axes`=\(-1,\) and `diagonal_axes`=\(-1,\)"),
     (dict(trace_axes=(1, 1)), ValueError, r"`trace_axes` lists an axis twice: \(1, 1\)"),
-    (dict(trace_axes="x"), TypeError, r"`trace_axes` must be an int or a sequence of ints, got 'x'"),
-    (dict(diagonal_axes=(0.5,)), TypeError, r"`diagonal_axes` must contain only ints, got \(0.5,\)"),
+    (dict(trace_axes="x"), TypeError, r"`trace_axes` must be an int or a sequence of ints, got 'x'"),  # noqa: E501
+    (dict(diagonal_axes=(0.5,)), TypeError, r"`diagonal_axes` must contain only ints, got \(0.5,\)"),  # noqa: E501
     (dict(batch_size=-3), ValueError, r"`batch_size` must be a positive int or 0 .*got -3"),
     (dict(batch_size=2.5), TypeError, r"`batch_size` must be a non-negative int, got 2.5"),
     (dict(device_count=-2), ValueError, r"`device_count` must be -1 .* got -2"),

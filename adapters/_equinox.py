@@ -1,0 +1,144 @@
+"""Equinox: a module *factory* as ``Model(init, apply)``.
+
+``init`` must draw fresh parameters from its key, so an Equinox model is given as a
+factory ``factory(key) -> eqx.Module`` (e.g. ``lambda key: eqx.nn.MLP(..., key=key)``),
+marked explicitly: ``equinox_model(factory)`` or
+``as_model(factory, framework='equinox')``. ``as_model`` rejects module *instances*
+with a TypeError that asks for a factory.
+
+* ``params`` is ``eqx.filter(module, eqx.is_array)``: the module with every
+  non-array leaf replaced by ``None``. The rest of the module (activation
+  functions, sizes) is static, taken once from ``eqx.filter_eval_shape(factory, key)``.
+  Inexact arrays are the parameters; other arrays (rare) are carried as constants.
+* Equinox modules usually map one example: with ``batched=False`` (the default)
+  ``apply`` maps the module over the leading axis of ``x`` with ``jax.vmap``;
+  ``batched=True`` calls it on the whole batch.
+* ``apply(params, x, rng=key)`` passes ``key=`` to the module call if its signature
+  has a ``key`` parameter (``eqx.nn.MLP``, ``eqx.nn.Dropout`` do): the batch key
+  itself when ``batched=True``, else ``jax.random.split(key, batch_size)``, one key
+  per example. Other keyword arguments (``inference=``) reach the call unmapped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+
+from ._base import (
+    Model,
+    accepts_keyword,
+    check_bool,
+    check_input_dtype,
+    check_kwargs,
+    describe,
+    dummy_key,
+    example_input,
+    import_framework,
+    leading_size,
+    loaded_module,
+    output_shape,
+)
+
+
+def _is_abstract_array(leaf: Any) -> bool:
+    return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def _is_module_instance(eqx: Any, obj: Any) -> bool:
+    """An ``eqx.Module`` holding parameters: a model, not a (wrapped) factory."""
+    return isinstance(obj, eqx.Module) and bool(
+        jax.tree.leaves(eqx.filter(obj, eqx.is_inexact_array)))
+
+
+class EquinoxAdapter:
+    """Adapter for Equinox module factories."""
+
+    description = "Equinox factories marked with equinox_model(factory) or framework='equinox'"
+
+    def matches(self, obj: Any) -> bool:
+        """An ``eqx.Module`` instance with parameters (then rejected: a factory is needed)."""
+        eqx = loaded_module("equinox")
+        return eqx is not None and _is_module_instance(eqx, obj)
+
+    def to_model(
+        self,
+        factory: Any,
+        *,
+        batched: bool = False,
+        input_dtype: Any = None,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> Model:
+        """Returns ``Model(init, apply)`` for an Equinox module factory.
+
+        Args:
+          factory: ``factory(key) -> eqx.Module``.
+          batched: whether the module maps a whole batch (``True``) or one example
+            (``False``: ``apply`` vmaps it over the leading axis of ``x``).
+          input_dtype: dtype of the example input built by ``init``; ``None`` is
+            JAX's default float.
+          init_kwargs: keyword arguments of the module call used by ``init`` to
+            infer the output shape.
+
+        Returns:
+          A :class:`Model`.
+
+        Example:
+          >>> import jax, equinox as eqx
+          >>> from mcntk.adapters import equinox_model
+          >>> model = equinox_model(lambda key: eqx.nn.MLP(3, 2, 8, 1, key=key))
+          >>> model.init(jax.random.PRNGKey(0), (5, 3))[0]
+          (5, 2)
+        """
+        eqx = import_framework("equinox", extra="equinox", purpose="The Equinox adapter")
+        if _is_module_instance(eqx, factory):
+            raise TypeError(
+                f"as_model needs a factory for an Equinox model, not a module instance "
+                f"({type(factory).__qualname__}): init must draw fresh parameters from its "
+                f"key. Pass equinox_model(lambda key: {type(factory).__qualname__}(..., "
+                f"key=key)) or as_model(<that lambda>, framework='equinox').")
+        if not callable(factory):
+            raise TypeError(f"an Equinox factory must be callable as factory(key) -> module, "
+                            f"got {describe(factory)}.")
+        batched = check_bool("batched", batched)
+        dtype = check_input_dtype(input_dtype)
+        init_kw = check_kwargs("init_kwargs", init_kwargs)
+
+        abstract = eqx.filter_eval_shape(factory, dummy_key())
+        if not callable(abstract):
+            raise TypeError(f"an Equinox factory must return a callable module, got "
+                            f"{describe(abstract)} from {describe(factory)}.")
+        static = eqx.partition(abstract, _is_abstract_array)[1]
+        takes_key = accepts_keyword(abstract, "key", default=False, var_keyword=False)
+
+        def init(key, input_shape):
+            params = eqx.filter(factory(key), eqx.is_array)
+            x = example_input(input_shape, dtype)
+            return output_shape(functools.partial(apply, rng=dummy_key(), **init_kw),
+                                params, x), params
+
+        def apply(params, x, rng=None, **kwargs):
+            module = eqx.combine(params, static)
+            use_key = rng is not None and takes_key
+            if batched:
+                return module(x, key=rng, **kwargs) if use_key else module(x, **kwargs)
+            if not use_key:
+                return jax.vmap(lambda xi: module(xi, **kwargs))(x)
+            keys = jax.random.split(rng, leading_size(x))
+            return jax.vmap(lambda xi, ki: module(xi, key=ki, **kwargs))(x, keys)
+
+        return Model(init, apply)
+
+
+def equinox_model(factory: Any, **options: Any) -> Model:
+    """``Model(init, apply)`` for an Equinox factory; see :meth:`EquinoxAdapter.to_model`.
+
+    Args:
+      factory: ``factory(key) -> eqx.Module``.
+      **options: ``batched``, ``input_dtype``, ``init_kwargs``.
+
+    Returns:
+      A :class:`Model`.
+    """
+    return EquinoxAdapter().to_model(factory, **options)
