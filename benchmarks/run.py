@@ -21,7 +21,6 @@ import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 from jax.example_libraries import stax
 
 import mcntk
