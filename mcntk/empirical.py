@@ -95,8 +95,9 @@ class KernelSpec:
             return fn
 
         args = (params, x1, x2, dyn)
+        key = (id(self), names, auto.signature(*args), static)
         try:
-            key = (id(self), names, auto.signature(*args), hash(static))
+            hash(key)
         except TypeError:
             key = None
         impl = self.resolve(names, make_fn, args, key)

@@ -159,6 +159,15 @@ def monte_carlo_kernel_fn(
     return kernel_fn
 
 
+def _hashable(key: Any) -> Any:
+    """``key`` if it can key a cache (static keyword values may not be hashable), else None."""
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 class _Estimator:
     """Runs the sampler over the blocks of the grid and accumulates the sums."""
 
@@ -177,11 +186,8 @@ class _Estimator:
         return one_sample
 
     def _runner(self, names, x1b, x2b, dyn, rebuild, static, input_shape, params_struct):
-        sig = (names, auto.signature(x1b, x2b, dyn), x2b is None, str(input_shape))
-        try:
-            cache_key = (sig, hash(static))
-        except TypeError:
-            cache_key = None
+        cache_key = _hashable((names, auto.signature(x1b, x2b, dyn), x2b is None,
+                               str(input_shape), static))
         if cache_key is not None and cache_key in self._runners:
             return self._runners[cache_key]
 

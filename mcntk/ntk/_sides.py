@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -52,12 +53,31 @@ class Axes(NamedTuple):
 # the contracted axis than in one piece; elsewhere one product is best.
 _CPU_CHUNK = 4096
 
+# Set while AUTO costs a program: loops hide their trip counts from XLA's cost
+# analysis, so implementations then emit their loop-free form.
+_costing = False
+
+
+@contextlib.contextmanager
+def loop_free():
+    """Within this context, implementations trace without loops (for cost analysis)."""
+    global _costing
+    old, _costing = _costing, True
+    try:
+        yield
+    finally:
+        _costing = old
+
+
+def costing() -> bool:
+    return _costing
+
 
 def gram(a: jax.Array, b: jax.Array) -> jax.Array:
     """``einsum('dfc,dgc->dfg', a, b)`` at full precision, sliced along ``c`` on CPU."""
     dot = lambda u, v: jnp.einsum("dfc,dgc->dfg", u, v, precision=jax.lax.Precision.HIGHEST)
     size = a.shape[-1]
-    if jax.default_backend() != "cpu" or size <= 4 * _CPU_CHUNK:
+    if _costing or jax.default_backend() != "cpu" or size <= 4 * _CPU_CHUNK:
         return dot(a, b)
     steps = size // _CPU_CHUNK
 

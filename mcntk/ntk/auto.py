@@ -14,6 +14,7 @@ import jax
 
 from mcntk._types import NtkImplementation
 from mcntk.ntk import IMPLEMENTATIONS
+from mcntk.ntk._sides import loop_free
 
 _CACHE: dict[Hashable, NtkImplementation] = {}
 _CACHE_LIMIT = 512
@@ -34,7 +35,8 @@ def signature(*trees: Any) -> Hashable:
 def flops(fn: Callable, *args: Any) -> float:
     """FLOPs of ``fn(*args)`` according to XLA's cost analysis of the lowered program."""
     try:
-        cost = jax.jit(fn).lower(*_abstract(args)).cost_analysis()
+        with loop_free():
+            cost = jax.jit(fn).lower(*_abstract(args)).cost_analysis()
     except Exception:  # a backend without a cost model: treat as unknown
         return float("inf")
     if isinstance(cost, (list, tuple)):

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from mcntk._types import PyTree
-from mcntk.ntk._sides import Axes, Side, zeros_except
+from mcntk.ntk._sides import Axes, Side, costing, zeros_except
+
+_MAX_IN_FLIGHT = 1024
 
 
 def _basis(shape, dtype):
@@ -60,13 +62,11 @@ def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes):
     for index, (rule, y1, y2) in enumerate(zip(rules, leaves1, leaves2)):
         cols = _transposed_columns(side2, params, fx2, vjp2, index)
         flat = jax.tree.map(lambda c, d=y2.ndim: c.reshape((-1,) + c.shape[d:]), cols)
-        full = jax.lax.map(lambda t, i=index: jax.tree.leaves(jvp1(t))[i], flat,
-                           batch_size=flat_batch(y2.size))
+        column = lambda t, i=index: jax.tree.leaves(jvp1(t))[i]
+        if costing() or y2.size <= _MAX_IN_FLIGHT:
+            full = jax.vmap(column)(flat)
+        else:  # bound the memory of the tangents in flight
+            full = jax.lax.map(column, flat, batch_size=_MAX_IN_FLIGHT)
         full = full.reshape(y2.shape + y1.shape)
         kernels.append(jnp.einsum(rule.full_spec(), full) / rule.trace_size(y1.shape))
     return fx1, fx2, jax.tree.unflatten(treedef, kernels)
-
-
-def flat_batch(n: int) -> int:
-    """How many JVPs run at once (bounds the memory of the tangents in flight)."""
-    return min(n, 1024)
