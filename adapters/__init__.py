@@ -10,13 +10,14 @@ mcntk.adapters`` imports none. Third parties add adapters with :func:`register` 
 the entry-point group ``mcntk.adapters``.
 """
 
+from mcntk.errors import MissingFrameworkError as MissingFrameworkError
+from mcntk.errors import StateMutationError as StateMutationError
+from mcntk.errors import UnsupportedModelError as UnsupportedModelError
+
 from ._base import Model as Model
 from ._base import ModelAdapter as ModelAdapter
 from ._equinox import EquinoxAdapter as EquinoxAdapter
 from ._equinox import equinox_model as equinox_model
-from ._errors import MissingFrameworkError as MissingFrameworkError
-from ._errors import StateMutationError as StateMutationError
-from ._errors import UnsupportedModelError as UnsupportedModelError
 from ._haiku import HaikuAdapter as HaikuAdapter
 from ._linen import LinenAdapter as LinenAdapter
 from ._nnx import NnxAdapter as NnxAdapter

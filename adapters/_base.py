@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcntk._types import ApplyFn, InitFn, PyTree
-
-from ._errors import MissingFrameworkError
+from mcntk.errors import MissingFrameworkError
 
 DUMMY_KEY_SEED = 0
 """Seed of the key used where a key is needed only for shapes or as a placeholder."""

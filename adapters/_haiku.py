@@ -21,6 +21,8 @@ from typing import Any
 
 import jax
 
+from mcntk.errors import StateMutationError
+
 from ._base import (
     Model,
     check_bool,
@@ -35,7 +37,6 @@ from ._base import (
     output_shape,
     unchanged,
 )
-from ._errors import StateMutationError
 
 
 def takes_rng(apply_fn: Any, position: int) -> bool:

@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+from mcntk.errors import StateMutationError
+
 from ._base import (
     Model,
     check_input_dtype,
@@ -33,7 +35,6 @@ from ._base import (
     shapes,
     stream_keys,
 )
-from ._errors import StateMutationError
 
 PARAMS = "params"
 

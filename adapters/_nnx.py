@@ -29,6 +29,8 @@ from typing import Any
 
 import jax
 
+from mcntk.errors import StateMutationError
+
 from ._base import (
     Model,
     accepts_keyword,
@@ -46,7 +48,6 @@ from ._base import (
     stream_keys,
     unchanged,
 )
-from ._errors import StateMutationError
 
 _PURPOSE = "The Flax NNX adapter"
 

@@ -16,9 +16,10 @@ import importlib.metadata
 import warnings
 from typing import Any
 
+from mcntk.errors import UnsupportedModelError
+
 from ._base import Model, ModelAdapter, describe
 from ._equinox import EquinoxAdapter
-from ._errors import UnsupportedModelError
 from ._haiku import HaikuAdapter
 from ._linen import LinenAdapter
 from ._nnx import NnxAdapter

@@ -197,3 +197,24 @@ def test_public_names():
     assert mcntk.NtkImplementation.STRUCTURED_DERIVATIVES == 3
     for name in mcntk.__all__:
         assert getattr(mcntk, name).__doc__, name
+
+
+@pytest.mark.parametrize("module", ["mcntk.monte_carlo", "mcntk.empirical"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    with jax.numpy_rank_promotion("allow"):  # the examples use jax.example_libraries.stax
+        result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_errors_have_help_pages():
+    from mcntk import errors
+
+    for name in ("NotYetImplementedError", "MissingFrameworkError", "UnsupportedModelError",
+                 "StateMutationError"):
+        assert len(getattr(errors, name).__doc__) > 100
+    from mcntk import adapters
+
+    assert adapters.StateMutationError is errors.StateMutationError
