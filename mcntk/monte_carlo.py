@@ -72,6 +72,15 @@ def _resolve_model(init_fn, apply_fn, key, n_samples):
     """Supports ``(init_fn, apply_fn, key, n)`` and ``(model, key, n)`` call forms."""
     if apply_fn is not None and not callable(apply_fn) and n_samples is None:
         apply_fn, key, n_samples = None, apply_fn, key
+    owner = getattr(init_fn, "__self__", None)
+    if owner is not None and getattr(apply_fn, "__self__", None) is owner:
+        # e.g. (module.init, module.apply) of a Flax linen module: adapt the module
+        from mcntk.adapters import UnsupportedModelError, as_model
+
+        try:
+            return (*as_model(owner), key, n_samples)
+        except UnsupportedModelError:
+            pass
     if apply_fn is None:
         from mcntk.adapters import as_model
 

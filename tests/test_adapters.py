@@ -194,6 +194,25 @@ def test_estimator_takes_framework_objects(make):
     assert direct.shape == (4, 4)
 
 
+def test_estimator_positional_model_and_bound_linen_methods():
+    """(model, key, n) positionally, and (module.init, module.apply, key, n) of a linen
+    module, are both the module itself."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.relu(nn.Dense(8)(x)))
+
+    module = Net()
+    key = jax.random.PRNGKey(0)
+    ref = mcntk.monte_carlo_kernel_fn(module, key=key, n_samples=2)(X, None, "ntk")
+    positional = mcntk.monte_carlo_kernel_fn(module, key, 2)(X, None, "ntk")
+    bound = mcntk.monte_carlo_kernel_fn(module.init, module.apply, key, 2)(X, None, "ntk")
+    np.testing.assert_allclose(positional, ref, rtol=1e-6)
+    np.testing.assert_allclose(bound, ref, rtol=1e-6)
+
+
 @pytest.mark.parametrize("obj", [42, "model", lambda x: x, (1, 2), (len,), None],
                          ids=["int", "str", "function", "tuple", "1-tuple", "None"])
 def test_unsupported_objects_list_the_supported_kinds(obj):
