@@ -31,13 +31,6 @@ SAMPLES_PER_STEP = 1
 OneSample = Callable[[PyTree, Any, Any, PyTree, PyTree, Any], PyTree]
 
 
-def sample_keys(key: Any) -> tuple[Any, Any, Any]:
-    """``(next_key, init_key, dropout_key)`` for one sample."""
-    key, split = jax.random.split(key)
-    init_key, dropout_key = jax.random.split(split)
-    return key, init_key, dropout_key
-
-
 def materialized_params(init_fn: Callable, init_key: Any, input_shape: Any, live: Any) -> PyTree:
     """``init_fn(init_key, input_shape)[1]``, computed behind a conditional.
 
@@ -62,11 +55,15 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
     """
     per_step = samples_per_step or SAMPLES_PER_STEP
 
-    def one(key, x1, x2, same, dyn, live):
-        key, init_key, dropout_key = sample_keys(key)
+    def from_split(split, x1, x2, same, dyn, live):
+        init_key, dropout_key = jax.random.split(split)
         params = materialized_params(init_fn, init_key, input_shape, live)
         k2 = dropout_key if x2 is None else second_key(dropout_key, same)
-        return key, one_sample(params, dropout_key, k2, x1, x2, dyn)
+        return one_sample(params, dropout_key, k2, x1, x2, dyn)
+
+    def one(key, x1, x2, same, dyn, live):
+        key, split = jax.random.split(key)
+        return key, from_split(split, x1, x2, same, dyn, live)
 
     def add(a, b):
         return jax.tree.map(jnp.add, a, b)
@@ -87,13 +84,7 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
 
                 key_out, splits = jax.lax.scan(split, key, length=per_step)
 
-                def from_split(s):
-                    init_key, dropout_key = jax.random.split(s)
-                    params = materialized_params(init_fn, init_key, input_shape, i < n)
-                    k2 = dropout_key if x2 is None else second_key(dropout_key, same)
-                    return one_sample(params, dropout_key, k2, x1, x2, dyn)
-
-                ks = jax.vmap(from_split)(splits)
+                ks = jax.vmap(lambda s: from_split(s, x1, x2, same, dyn, i < n))(splits)
                 return add(acc, jax.tree.map(lambda v: v.sum(0), ks)), key_out
 
             acc, key = jax.lax.fori_loop(0, n // per_step, step, (acc, key))
