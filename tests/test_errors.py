@@ -98,7 +98,7 @@ def test_structured_derivatives_not_yet(model):
 @pytest.mark.parametrize("key,error,match", [
     (None, TypeError, r"`key` must be a PRNG key.*got None"),
     (jnp.zeros(3, jnp.uint32), ValueError, r"`key` must be a PRNG key .* got uint32\[3\]"),
-    (jnp.zeros(2), ValueError, r"`key` must be a PRNG key .* got float32\[2\]"),
+    (jnp.zeros(2, jnp.float32), ValueError, r"`key` must be a PRNG key .* got float32\[2\]"),
 ])
 def test_key(model, key, error, match):
     init_fn, apply_fn = model

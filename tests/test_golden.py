@@ -1,5 +1,6 @@
 """Same key -> same estimate as neural-tangents 0.6.5 (tests/data/nt065_mlp.npz)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,11 @@ from mcntk_reference import stax_serial
 import mcntk
 
 RTOL = 1e-5
+
+# neural-tangents drew float32 parameters; with x64 on, stax draws float64 ones, a
+# different random stream, so these numbers only apply to the default float32 run.
+pytestmark = pytest.mark.skipif(jax.config.jax_enable_x64,
+                                reason="golden values are float32 parameter draws")
 
 
 def _model():
