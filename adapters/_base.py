@@ -109,15 +109,21 @@ def import_framework(name: str, *, extra: str, purpose: str) -> ModuleType:
 # --- option checks ------------------------------------------------------------------
 
 
-def check_input_dtype(input_dtype: Any) -> np.dtype | None:
-    """``None`` (JAX's default float) or anything ``jnp.dtype`` accepts."""
+def check_input_dtype(input_dtype: Any) -> Any:
+    """``None`` (JAX's default float), anything ``jnp.dtype`` accepts, or a pytree of
+    those matching the structure of a pytree input (e.g. ``{'ids': jnp.int32, 'mask':
+    jnp.float32}``)."""
     if input_dtype is None:
         return None
+    if isinstance(input_dtype, (dict, list, tuple)):
+        return jax.tree.map(check_input_dtype, input_dtype,
+                            is_leaf=lambda v: not isinstance(v, (dict, list, tuple)))
     try:
         return jnp.dtype(input_dtype)
     except TypeError as e:
         raise TypeError(f"`input_dtype` must be a dtype such as jnp.float32 or jnp.int32, "
-                        f"or None, got {input_dtype!r}.") from e
+                        f"a pytree of dtypes matching the input, or None, got "
+                        f"{input_dtype!r}.") from e
 
 
 def check_kwargs(name: str, value: Any) -> dict[str, Any]:
@@ -158,8 +164,16 @@ def is_shape(x: Any) -> bool:
         isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in x)
 
 
-def example_input(input_shape: Any, dtype: np.dtype | None) -> PyTree:
-    """Zeros of ``input_shape`` (a shape or a pytree of shapes / ShapeDtypeStructs)."""
+def example_input(input_shape: Any, dtype: Any) -> PyTree:
+    """Zeros of ``input_shape`` (a shape or a pytree of shapes / ShapeDtypeStructs), of
+    ``dtype`` (one dtype, or a pytree of dtypes that is a prefix of the input)."""
+    if dtype is not None and not isinstance(dtype, np.dtype):
+        try:
+            return jax.tree.map(lambda d, sub: example_input(sub, d), dtype, input_shape,
+                                is_leaf=lambda v: isinstance(v, np.dtype))
+        except ValueError as e:
+            raise ValueError(f"`input_dtype` {dtype!r} does not match the structure of the "
+                             f"input shape {input_shape!r}.") from e
 
     def make(leaf: Any) -> jax.Array:
         if isinstance(leaf, jax.ShapeDtypeStruct):

@@ -77,11 +77,14 @@ def reuse_x1(x1: PyTree, x2: PyTree, kwargs: dict[str, Any]) -> bool:
 
     Then ``f(x1)`` and its derivatives are computed once and serve both sides.
     """
-    if x2 is None:
-        return True
-    if any(isinstance(v, tuple) and len(v) == 2 for v in kwargs.values()):
+    if has_pair_kwargs(kwargs):
         return False
-    return same_inputs(x1, x2) is True
+    return x2 is None or same_inputs(x1, x2) is True
+
+
+def has_pair_kwargs(kwargs: dict[str, Any]) -> bool:
+    """Whether a keyword argument is a 2-tuple ``(for x1, for x2)``."""
+    return any(isinstance(v, tuple) and len(v) == 2 for k, v in kwargs.items() if k != "rng")
 
 
 def split_kwargs(kwargs: dict[str, Any], same: Any = True) -> tuple[dict, dict]:
@@ -197,7 +200,8 @@ def per_example(apply_fn: Callable, axes: VmapAxes, params: PyTree, x: PyTree,
         return jax.tree.map(lambda v, a: v if a is None else jnp.expand_dims(v, a), tree,
                             tree_axes, is_leaf=lambda v: v is None)
 
-    out_struct = jax.eval_shape(lambda p, xx, kw: apply_fn(p, xx, **kw), params, x, kwargs)
+    # trace only array keywords: Python scalars stay static (models branch on them)
+    out_struct = jax.eval_shape(lambda p, xx, d: apply_fn(p, xx, **rebuild(d)), params, x, dyn)
     out_axes = _canonical_leaf_axes(axes.out_axes, out_struct)
 
     def fn(p, x_i, dyn_i):

@@ -20,6 +20,8 @@ from mcntk.ntk import auto
 def canonicalize_n_samples(n_samples: Any) -> tuple[tuple[int, ...], bool]:
     """``(sorted distinct counts, whether a generator is wanted)``."""
     def check(n: Any) -> int:
+        if _is_integer_scalar(n):
+            n = int(n)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"`n_samples` must be a positive int or an iterable of positive "
                             f"ints, got {n!r} ({type(n).__name__}).")
@@ -30,7 +32,7 @@ def canonicalize_n_samples(n_samples: Any) -> tuple[tuple[int, ...], bool]:
     if n_samples is None:
         raise TypeError("`n_samples` must be given: a positive int, or an iterable of positive "
                         "ints for a generator of estimates.")
-    if isinstance(n_samples, (bool, int, np.integer)):
+    if isinstance(n_samples, (bool, int, np.integer)) or _is_integer_scalar(n_samples):
         return (check(n_samples),), False
     if isinstance(n_samples, (str, bytes)) or not isinstance(n_samples, Iterable):
         raise TypeError(f"`n_samples` must be a positive int or an iterable of positive ints, "
@@ -39,6 +41,25 @@ def canonicalize_n_samples(n_samples: Any) -> tuple[tuple[int, ...], bool]:
     if not counts:
         raise ValueError(f"`n_samples` must name at least one sample count, got {n_samples!r}.")
     return tuple(sorted({check(n) for n in counts})), True
+
+
+def _is_integer_scalar(n: Any) -> bool:
+    """A 0-d integer array (NumPy or JAX), usable as a count."""
+    return (hasattr(n, "dtype") and hasattr(n, "shape") and n.shape == ()
+            and jnp.issubdtype(n.dtype, jnp.integer))
+
+
+def check_inputs(x: Any, name: str) -> PyTree:
+    """``x`` as a pytree of JAX arrays; Python scalars or None leaves are rejected."""
+    if x is None:
+        raise TypeError(f"`{name}` must be an array or a pytree of arrays, got None.")
+    leaves = jax.tree.leaves(x)
+    bad = [v for v in leaves if not hasattr(v, "shape") or not hasattr(v, "dtype")]
+    if not leaves or bad:
+        raise TypeError(f"`{name}` must be an array or a pytree of arrays, got "
+                        f"{type(x).__name__} with leaves {bad[:3] if bad else leaves!r}; "
+                        f"wrap a list of numbers in jnp.asarray.")
+    return jax.tree.map(jnp.asarray, x)
 
 
 def check_key(key: Any) -> Any:
@@ -116,7 +137,8 @@ def monte_carlo_kernel_fn(
         returns a generator yielding the estimate at each distinct count in
         ascending order, computed incrementally.
       batch_size: compute the kernel in blocks of ``batch_size`` x1 and x2 examples
-        (0: one block). Any size works; the result does not depend on it.
+        (0: one block). Any size works; for deterministic models whose examples
+        are independent the result does not depend on it (docs/axes.md).
       device_count: accepted with neural-tangents' meaning (-1: all devices, 0: run
         sequentially); computation currently runs on the default device.
       store_on_device: ``False`` returns NumPy arrays and moves each finished block
@@ -235,8 +257,14 @@ class _Estimator:
         return plan, [r.swap_perm() for r in rules]
 
     def estimates(self, x1, x2, names, counts, kwargs) -> Iterator[dict[str, PyTree]]:
-        x1 = jax.tree.map(jnp.asarray, x1)
-        x2 = None if x2 is None else jax.tree.map(jnp.asarray, x2)
+        x1 = check_inputs(x1, "x1")
+        x2 = None if x2 is None else check_inputs(x2, "x2")
+        if x2 is None and _apply.has_pair_kwargs(kwargs):
+            x2 = x1  # a 2-tuple keyword gives the x2 side its own value
+        if self.batch_size:
+            _grid.batch_length(x1, "x1")
+            if x2 is not None:
+                _grid.batch_length(x2, "x2")
         same = _apply.same_inputs(x1, x2)
         if _apply.reuse_x1(x1, x2, kwargs):
             x2 = None

@@ -286,3 +286,20 @@ def test_options_are_validated():
         model.init(jax.random.PRNGKey(0), (4, 2.5))
     with pytest.raises(ValueError, match="non-negative"):
         model.init(jax.random.PRNGKey(0), (4, -1))
+
+
+def test_pytree_input_dtype_for_mixed_inputs():
+    """Token ids and a float mask in one dict input: input_dtype is a pytree of dtypes."""
+    hk = pytest.importorskip("haiku")
+
+    def net(x):
+        return hk.Linear(2)(hk.Embed(11, 4)(x["t"]).mean(1) * x["m"][:, :1])
+
+    model = adapters.as_model(hk.transform(net), input_dtype={"t": jnp.int32, "m": jnp.float32})
+    tokens = jnp.arange(15).reshape(3, 5) % 11
+    x1 = {"t": tokens, "m": jnp.ones((3, 5))}
+    x2 = {"t": tokens[:2], "m": 2 * jnp.ones((2, 5))}
+    ntk = mcntk.monte_carlo_kernel_fn(*model, jax.random.PRNGKey(0), 2)(x1, x2, "ntk")
+    assert ntk.shape == (3, 2) and bool(jnp.all(jnp.isfinite(ntk)))
+    with pytest.raises(TypeError, match=r"`input_dtype` must be a dtype .* got 'nope'"):
+        adapters.as_model(hk.transform(net), input_dtype={"t": "nope"})

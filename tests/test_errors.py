@@ -128,3 +128,23 @@ def test_non_callable(model):
         mcntk.empirical_kernel_fn("f")
     with pytest.raises(TypeError, match=r"`params` must be given"):
         mcntk.empirical_kernel_fn(model[1])(jnp.ones((2, 2)), None, "ntk")
+
+
+@pytest.mark.parametrize("x1,match", [
+    (None, r"`x1` must be an array or a pytree of arrays, got None"),
+    (1.0, r"`x1` must be an array or a pytree of arrays, got float"),
+    ([[1.0, 2.0]], r"`x1` must be an array or a pytree of arrays, got list"),
+])
+def test_bad_inputs(model, x1, match):
+    with pytest.raises(TypeError, match=match):
+        make(model)(x1, None, "ntk")
+
+
+def test_scalar_input_cannot_be_batched(model):
+    with pytest.raises(ValueError, match=r"`x1` must have leaves with the same leading"):
+        make(model, batch_size=2)(jnp.ones(()), None, "ntk")
+
+
+def test_n_samples_integer_array(model, x):
+    k = make(model, n_samples=jnp.array(2))(x, None, "ntk")
+    assert k.shape == (3, 3)

@@ -160,3 +160,44 @@ def test_kwargs_split_and_shared(implementation):
         total = (ntk, nngp) if total is None else (total[0] + ntk, total[1] + nngp)
     close(got.ntk, total[0] / N_SAMPLES)
     close(got.nngp, total[1] / N_SAMPLES)
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+@pytest.mark.parametrize("vmap_axes", [None, 0])
+def test_static_scalar_kwargs_with_vmap_axes(implementation, vmap_axes):
+    """Python scalars stay static, also on the per-example path: the model branches on them."""
+    init_fn, _ = _kwargs_model()
+
+    def apply_fn(params, x, train=True, scale=1.0):
+        out = jnp.tanh(x @ params["w"])
+        if train:  # a Python branch: fails if `train` were traced
+            out = out * 0.0
+        return out * scale
+
+    x1, x2 = _x(1, (3, 4)), _x(2, (2, 4))
+    key = jax.random.PRNGKey(8)
+    got = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES, vmap_axes=vmap_axes,
+                                      implementation=implementation)(
+        x1, x2, None, train=False, scale=2.0)
+    expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, x2,
+                           kwargs=dict(train=False, scale=2.0), rng=False)
+    close(got.nngp, expected["nngp"])
+    close(got.ntk, expected["ntk"])
+    emp = mcntk.empirical_ntk_fn(apply_fn, vmap_axes=vmap_axes, implementation=implementation)
+    params = init_fn(key, x1.shape)[1]
+    assert np.abs(np.asarray(emp(x1, x2, params, train=False, scale=2.0))).max() > 0
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+def test_pair_kwargs_with_x2_none_mean_x2_is_x1(implementation):
+    init_fn, apply_fn = _kwargs_model()
+    x1 = _x(1, (3, 4))
+    kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(9), N_SAMPLES,
+                                     implementation=implementation)
+    none = kf(x1, None, None, scale=(2.0, 3.0))
+    explicit = kf(x1, x1, None, scale=(2.0, 3.0))
+    close(none.ntk, explicit.ntk)
+    close(none.nngp, explicit.nngp)
+    # and it is not the kernel with scale 2.0 on both sides
+    both = kf(x1, None, None, scale=2.0)
+    assert np.abs(np.asarray(none.ntk) - np.asarray(both.ntk)).max() > 1e-3
