@@ -62,7 +62,7 @@ def run(width: int = 512, depth: int = 2, points: int = 8, samples=(1, 4, 16, 64
         seed: int = 0) -> list[tuple[int, float, float]]:
     """Prints and returns ``(n_samples, NNGP error, NTK error)`` (relative Frobenius)."""
     x = circle(points)
-    init_fn, apply_fn = relu_network(width, depth, out=16)
+    init_fn, apply_fn = relu_network(width, depth, out=32)
     exact_nngp, exact_ntk = arccos_kernels(x.astype(np.float64), depth)
     kernel_fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(seed), samples)
     print(f"ReLU MLP, {depth} hidden layers of width {width}, {points} points on a circle")
