@@ -110,7 +110,8 @@ class VmapAxes(NamedTuple):
 
 
 def canonicalize_vmap_axes(vmap_axes: Any) -> VmapAxes | None:
-    """Validates ``vmap_axes``: None, an int, or ``(in_axes, out_axes, kwargs_axes)``."""
+    """Validates ``vmap_axes``: None, an int, ``(in_axes, out_axes, kwargs_axes)``, or
+    another pytree of axes used for both inputs and outputs."""
     if vmap_axes is None:
         return None
     if isinstance(vmap_axes, bool):
@@ -129,37 +130,49 @@ def canonicalize_vmap_axes(vmap_axes: Any) -> VmapAxes | None:
             if axes is None:
                 raise ValueError(f"`vmap_axes` {name} must not be None, got {vmap_axes!r}.")
         return VmapAxes(in_axes, out_axes, dict(kwargs_axes))
+    if isinstance(vmap_axes, (dict, list, tuple)):  # a pytree of axes for inputs and outputs
+        return VmapAxes(vmap_axes, vmap_axes, {})
     raise TypeError(
-        "`vmap_axes` must be None, an int or a tuple (in_axes, out_axes, kwargs_axes), "
-        f"got {vmap_axes!r}."
+        "`vmap_axes` must be None, an int, a pytree of axes, or a tuple (in_axes, out_axes, "
+        f"kwargs_axes), got {vmap_axes!r}."
     )
 
 
 def _broadcast(prefix: Any, tree: PyTree) -> list[Any]:
-    """Leaves of ``prefix`` broadcast to the leaves of ``tree``."""
+    """Leaves of the axes ``prefix`` (None leaves included) broadcast to the leaves of
+    ``tree``, like ``jax.vmap``'s ``in_axes``."""
     if prefix is None or isinstance(prefix, int):
         return [prefix] * len(jax.tree.leaves(tree))
-    return jax.tree.leaves(
-        jax.tree.map(lambda a, sub: jax.tree.map(lambda _: a, sub), prefix, tree,
-                     is_leaf=lambda a: a is None)
-    )
+    is_axis = lambda a: a is None
+    try:
+        subtrees = jax.tree.structure(prefix, is_leaf=is_axis).flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"`vmap_axes` {prefix!r} is not a prefix of the structure of "
+                         f"{jax.tree.structure(tree)}.") from e
+    out: list[Any] = []
+    for a, sub in zip(jax.tree.leaves(prefix, is_leaf=is_axis), subtrees):
+        out.extend([a] * len(jax.tree.leaves(sub)))
+    return out
 
 
-def _canonical_leaf_axes(prefix: Any, tree: PyTree, ndim_extra: int = 0) -> PyTree:
-    """A pytree like ``tree`` holding each leaf's non-negative axis (or None)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    axes = _broadcast(prefix, tree)
+def _leaf_axes(prefix: Any, tree: PyTree, what: str) -> list[Any]:
+    """Each leaf's non-negative batch axis (or None), in ``jax.tree.leaves(tree)`` order."""
     out = []
-    for leaf, a in zip(leaves, axes):
+    for leaf, a in zip(jax.tree.leaves(tree), _broadcast(prefix, tree)):
         if a is None:
             out.append(None)
-        else:
-            nd = jnp.ndim(leaf) + ndim_extra
-            if not -nd <= a < nd:
-                raise ValueError(f"`vmap_axes` axis {a} is out of range for an array of "
-                                 f"shape {jnp.shape(leaf)}.")
-            out.append(a % nd)
-    return jax.tree.unflatten(treedef, out)
+            continue
+        nd = jnp.ndim(leaf)
+        if isinstance(a, bool) or not isinstance(a, int) or not -nd <= a < nd:
+            raise ValueError(f"`vmap_axes` {what} axis {a!r} is out of range for an array of "
+                             f"shape {jnp.shape(leaf)}.")
+        out.append(a % nd)
+    return out
+
+
+def _canonical_leaf_axes(prefix: Any, tree: PyTree, what: str) -> PyTree:
+    """A pytree like ``tree`` holding each leaf's non-negative axis (or None)."""
+    return jax.tree.unflatten(jax.tree.structure(tree), _leaf_axes(prefix, tree, what))
 
 
 class PerExample(NamedTuple):
@@ -184,10 +197,11 @@ def per_example(apply_fn: Callable, axes: VmapAxes, params: PyTree, x: PyTree,
     if unknown:
         raise ValueError(f"`vmap_axes` kwargs_axes names keyword(s) {unknown} that were not "
                          f"passed; passed: {sorted(kwargs)}.")
-    x_axes = _canonical_leaf_axes(axes.in_axes, x)
+    x_axes = _canonical_leaf_axes(axes.in_axes, x, "in_axes")
     dyn, rebuild, _ = partition_static(kwargs)
-    kw_axes_full = {k: _canonical_leaf_axes(axes.kwargs_axes.get(k), v) for k, v in kwargs.items()}
-    flat_axes = jax.tree.leaves(kw_axes_full, is_leaf=lambda a: a is None)
+    # per-leaf axes in the order jax.tree.leaves(kwargs) lists the leaves (sorted keys)
+    flat_axes = [a for k in sorted(kwargs)
+                 for a in _leaf_axes(axes.kwargs_axes.get(k), kwargs[k], f"kwargs_axes[{k!r}]")]
     all_leaves = jax.tree.leaves(kwargs)
     dyn_ids = [i for i, v in enumerate(all_leaves) if _is_dynamic(v)]
     dyn_axes = [flat_axes[i] for i in dyn_ids]
@@ -202,7 +216,10 @@ def per_example(apply_fn: Callable, axes: VmapAxes, params: PyTree, x: PyTree,
 
     # trace only array keywords: Python scalars stay static (models branch on them)
     out_struct = jax.eval_shape(lambda p, xx, d: apply_fn(p, xx, **rebuild(d)), params, x, dyn)
-    out_axes = _canonical_leaf_axes(axes.out_axes, out_struct)
+    out_axes = _canonical_leaf_axes(axes.out_axes, out_struct, "out_axes")
+    if None in _leaf_axes(axes.out_axes, out_struct, "out_axes"):
+        raise ValueError(f"`vmap_axes` out_axes={axes.out_axes!r} must give every output leaf a "
+                         "batch axis.")
 
     def fn(p, x_i, dyn_i):
         dyn_full = [v if a is None else jnp.expand_dims(v, a) for v, a in zip(dyn_i, dyn_axes)]
@@ -237,10 +254,16 @@ def partition_static(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyT
 
 
 def split_trainable(params: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree]]:
-    """The inexact (floating or complex) leaves of ``params``, and a function putting
+    """The floating-point leaves of ``params``, and a function putting
     new values for them back among the other leaves, which stay constant."""
     leaves, treedef = jax.tree.flatten(params)
-    keep = [jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v in leaves]
+    dtypes = [jnp.result_type(v) for v in leaves]
+    complex_leaves = [str(d) for d in dtypes if jnp.issubdtype(d, jnp.complexfloating)]
+    if complex_leaves:
+        raise TypeError(f"`params` has complex leaves ({', '.join(complex_leaves)}); the NTK of "
+                        "complex parameters is not defined here: split them into real and "
+                        "imaginary parts.")
+    keep = [jnp.issubdtype(d, jnp.floating) for d in dtypes]
     trainable = [v for v, k in zip(leaves, keep) if k]
 
     def merge(values: list[Any]) -> PyTree:

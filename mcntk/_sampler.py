@@ -17,7 +17,7 @@ that many samples per loop step (more parallelism, more memory).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +65,8 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
         key, split = jax.random.split(key)
         return key, from_split(split, x1, x2, same, dyn, live)
 
-    def add(a, b):
-        return jax.tree.map(jnp.add, a, b)
+    def add(acc, k):
+        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, k)
 
     def run(acc, key, n, x1, x2, same, dyn):
         def single(i, carry):
@@ -91,16 +91,31 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
             n = n % per_step
         return jax.lax.fori_loop(0, n, single, (acc, key))
 
-    def zeros(key, x1, x2, same, dyn):
-        shapes = jax.eval_shape(lambda *a: one(*a, True)[1], key, x1, x2, same, dyn)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    def kernel_shapes(key, x1, x2, same, dyn):
+        return jax.eval_shape(lambda *a: one(*a, True)[1], key, x1, x2, same, dyn)
 
-    return Runner(jax.jit(run), zeros)
+    return Runner(jax.jit(run), kernel_shapes)
 
 
-class Runner(NamedTuple):
-    """``run(acc, key, n, x1, x2, same, dyn) -> (acc, key)`` and ``zeros(...)`` giving the
-    initial accumulator for the same arguments (without ``acc`` and ``n``)."""
+def accumulator_dtype(dtype: Any) -> Any:
+    """Sums of many samples are kept in at least float32 (bfloat16 sums stall)."""
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
 
-    run: Callable
-    zeros: Callable
+
+class Runner:
+    """``run(acc, key, n, x1, x2, same, dyn) -> (acc, key)``, plus the one-sample kernel
+    shapes (traced once per runner; a runner serves one signature of its arguments)."""
+
+    def __init__(self, run: Callable, kernel_shapes: Callable):
+        self.run = run
+        self._kernel_shapes = kernel_shapes
+        self._shapes: PyTree = None
+
+    def shapes(self, key, x1, x2, same, dyn) -> PyTree:
+        if self._shapes is None:
+            self._shapes = self._kernel_shapes(key, x1, x2, same, dyn)
+        return self._shapes
+
+    def zeros(self, key, x1, x2, same, dyn) -> PyTree:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, accumulator_dtype(s.dtype)),
+                            self.shapes(key, x1, x2, same, dyn))

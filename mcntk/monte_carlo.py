@@ -91,8 +91,11 @@ def check_device_count(device_count: Any) -> int:
 
 def _resolve_model(init_fn, apply_fn, key, n_samples):
     """Supports ``(init_fn, apply_fn, key, n)`` and ``(model, key, n)`` call forms."""
-    if apply_fn is not None and not callable(apply_fn) and n_samples is None:
-        apply_fn, key, n_samples = None, apply_fn, key
+    if apply_fn is not None and not callable(apply_fn):  # (model, key, ...) positionally
+        if key is None:
+            apply_fn, key = None, apply_fn
+        elif n_samples is None:
+            apply_fn, key, n_samples = None, apply_fn, key
     owner = getattr(init_fn, "__self__", None)
     if owner is not None and getattr(apply_fn, "__self__", None) is owner:
         # e.g. (module.init, module.apply) of a Flax linen module: adapt the module
@@ -240,21 +243,25 @@ class _Estimator:
         out = jax.eval_shape(lambda p, x: self.spec.apply_fn(p, x, **kw), params_struct, x1)
         rules = [AxesRule(self.spec.axes.trace, self.spec.axes.diagonal, len(o.shape))
                  for o in jax.tree.leaves(out)]
+        perms = [r.swap_perm() for r in rules]
+        n1 = _grid.batch_length(x1, "x1") if self.batch_size else 1
+        n2 = n1 if x2 is None or not self.batch_size else _grid.batch_length(x2, "x2")
+        if self.batch_size == 0 or self.batch_size >= max(n1, n2):
+            return _grid.GridPlan(1, 1, 0, x2 is None, False), perms
         diag = {0 in r.diagonal for r in rules}
-        if len(diag) != 1:
-            raise ValueError("`diagonal_axes` makes the batch axis 0 diagonal for some output "
-                             "leaves and not others; use non-negative axes.")
-        diagonal = diag.pop()
-        if self.batch_size == 0:
-            plan = _grid.GridPlan(1, 1, 0, x2 is None, diagonal)
-        else:
-            n1 = _grid.batch_length(x1, "x1")
-            n2 = n1 if x2 is None else _grid.batch_length(x2, "x2")
-            plan = _grid.GridPlan(n1, n2, self.batch_size, x2 is None, diagonal)
-        if not plan.single and any(0 in r.trace for r in rules):
+        wrong = [o.shape for o in jax.tree.leaves(out) if not o.shape or o.shape[0] != n1]
+        if len(diag) != 1 or wrong:
+            raise ValueError(
+                f"`batch_size`={self.batch_size} splits inputs along axis 0 and needs every "
+                f"output leaf to have its {n1} examples on axis 0, each either paired or diagonal "
+                f"(`diagonal_axes`={self.spec.axes.diagonal}); got output shapes "
+                f"{[o.shape for o in jax.tree.leaves(out)]}. Use `batch_size`=0.")
+        if any(0 in r.trace for r in rules):
             raise ValueError(f"`trace_axes`={self.spec.axes.trace} traces the batch axis 0, "
                              f"which cannot be split into batches; use `batch_size`=0.")
-        return plan, [r.swap_perm() for r in rules]
+        # with an rng, blocks (i, j) and (j, i) see different dropout keys: no symmetry
+        plan = _grid.GridPlan(n1, n2, self.batch_size, x2 is None and not self.rng, diag.pop())
+        return plan, perms
 
     def estimates(self, x1, x2, names, counts, kwargs) -> Iterator[dict[str, PyTree]]:
         x1 = check_inputs(x1, "x1")
@@ -265,7 +272,6 @@ class _Estimator:
             _grid.batch_length(x1, "x1")
             if x2 is not None:
                 _grid.batch_length(x2, "x2")
-        same = _apply.same_inputs(x1, x2)
         if _apply.reuse_x1(x1, x2, kwargs):
             x2 = None
         kw1, kw2 = _apply.split_kwargs(kwargs)
@@ -278,22 +284,23 @@ class _Estimator:
         else:
             x1s = plan.split(x1, True)
             x2s = x1s if x2 is None else plan.split(x2, False)
-        same = jnp.asarray(same)
         jobs = []
         for i, j in plan.blocks():
             x2b = None if (x2 is None and i == j) else x2s[j]
+            # neural-tangents' rule per block: x2's dropout key is x1's when the blocks are equal
+            same = jnp.asarray(_apply.same_inputs(x1s[i], x2b) if self.rng else True)
             runner = self._runner(names, x1s[i], x2b, dyn, rebuild, static, input_shape,
                                   params_struct)
-            jobs.append(((i, j), runner, x1s[i], x2b))
-        return self._loop(jobs, plan, perms, counts, same, dyn)
+            jobs.append(((i, j), runner, x1s[i], x2b, same))
+        return self._loop(jobs, plan, perms, counts, dyn)
 
-    def _loop(self, jobs, plan, perms, counts, same, dyn):
+    def _loop(self, jobs, plan, perms, counts, dyn):
         accs = {}
         key, done = self.key, 0
         for target in counts:
             n = jnp.asarray(target - done, jnp.int32)
             next_key = key
-            for ij, runner, a, b in jobs:
+            for ij, runner, a, b, same in jobs:
                 acc = accs.get(ij)
                 if acc is None:
                     acc = runner.zeros(key, a, b, same, dyn)
@@ -303,4 +310,6 @@ class _Estimator:
             full = {name: plan.assemble({ij: v[name] for ij, v in accs.items()}, perms,
                                         self.on_device)
                     for name in next(iter(accs.values()))}
-            yield jax.tree.map(lambda v, t=target: v / t, full)
+            # the mean, in the kernels' own dtype (sums are kept in at least float32)
+            dtypes = jobs[0][1].shapes(key, jobs[0][2], jobs[0][3], jobs[0][4], dyn)
+            yield jax.tree.map(lambda v, d, t=target: (v / t).astype(d.dtype), full, dtypes)

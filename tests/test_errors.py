@@ -80,8 +80,8 @@ def test_axes_at_call(model, x, kwargs, error, match):
     (dict(store_on_device="yes"), TypeError, r"`store_on_device` must be a bool, got 'yes'"),
     (dict(implementation=7), ValueError, r"`implementation` must be one of AUTO=0.* got 7"),
     (dict(implementation="jc"), TypeError, r"`implementation` must be an mcntk.NtkImplementation"),
-    (dict(vmap_axes="0"), TypeError, r"`vmap_axes` must be None, an int or a tuple"),
-    (dict(vmap_axes=(0, 0)), TypeError, r"`vmap_axes` must be None, an int or a tuple .* \(0, 0\)"),
+    (dict(vmap_axes="0"), TypeError, r"`vmap_axes` must be None, an int, a pytree .* got '0'"),
+    (dict(vmap_axes=(0, 0, 5)), TypeError, r"kwargs_axes to be a dict .* got 5"),
 ])
 def test_construction(model, kwargs, error, match):
     with pytest.raises(error, match=match):
