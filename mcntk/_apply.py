@@ -189,6 +189,25 @@ class PerExample(NamedTuple):
         return jax.vmap(fn, in_axes=(self.x_axes, self.kw_axes), out_axes=out_axes)(
             x, self.kw_leaves)
 
+    def map(self, fn: Callable, x: PyTree, out_axis: int, batch_size: int | None) -> Any:
+        """Like :meth:`vmap` with one output axis, ``batch_size`` examples at a time
+        (all at once when None)."""
+        if batch_size is None:
+            return self.vmap(fn, x, out_axis)
+        x_leaves, x_def = jax.tree.flatten(x)
+        x_axes = jax.tree.leaves(self.x_axes, is_leaf=lambda a: a is None)
+        leaves = x_leaves + list(self.kw_leaves)
+        axes = x_axes + list(self.kw_axes)
+        mapped = [jnp.moveaxis(v, a, 0) for v, a in zip(leaves, axes) if a is not None]
+
+        def step(example):
+            it = iter(example)
+            full = [v if a is None else next(it) for v, a in zip(leaves, axes)]
+            return fn(jax.tree.unflatten(x_def, full[: len(x_leaves)]), full[len(x_leaves):])
+
+        out = jax.lax.map(step, mapped, batch_size=batch_size)
+        return jax.tree.map(lambda o: jnp.moveaxis(o, 0, out_axis), out)
+
 
 def per_example(apply_fn: Callable, axes: VmapAxes, params: PyTree, x: PyTree,
                 kwargs: dict[str, Any]) -> PerExample:

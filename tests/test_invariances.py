@@ -199,3 +199,20 @@ def test_typed_key_matches_raw_key():
     typed = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.wrap_key_data(
         jax.random.PRNGKey(8)), 2)(x, None, "ntk")
     close(typed, raw)
+
+
+@pytest.mark.parametrize("vmap_axes", [None, 0])
+@pytest.mark.parametrize("x2_none", [True, False])
+def test_vector_products_in_chunks(monkeypatch, vmap_axes, x2_none):
+    """Bounding the tangents in flight (lax.map in chunks) does not change the kernel."""
+    from mcntk.ntk import vector_products
+
+    init_fn, apply_fn = _fcn()
+    x1 = _x(1, (3, 4, 4, 2))
+    x2 = None if x2_none else _x(2, (2, 4, 4, 2))
+    params = init_fn(jax.random.PRNGKey(0), x1.shape)[1]
+    make = lambda impl: mcntk.empirical_ntk_fn(apply_fn, trace_axes=(-1,), vmap_axes=vmap_axes,
+                                               implementation=impl)
+    ref = make(1)(x1, x2, params)
+    monkeypatch.setattr(vector_products, "_MAX_IN_FLIGHT", 5)
+    close(make(2)(x1, x2, params), ref)
