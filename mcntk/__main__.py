@@ -10,10 +10,14 @@ def main(argv=None) -> int:
     commands = {"demo": "run a Monte Carlo NTK on built-in data and compare it with the "
                         "infinite-width kernel"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: mcntk COMMAND [options]\n\ncommands:")
+        ok = not argv or argv[0] in ("-h", "--help")
+        out = sys.stdout if ok else sys.stderr
+        if not ok:
+            print(f"mcntk: unknown command {argv[0]!r}", file=out)
+        print("usage: mcntk COMMAND [options]\n\ncommands:", file=out)
         for name, help_text in commands.items():
-            print(f"  {name:8} {help_text}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+            print(f"  {name:8} {help_text}", file=out)
+        return 0 if ok else 2
     from mcntk import demo
 
     demo.main(argv[1:])

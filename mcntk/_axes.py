@@ -123,16 +123,6 @@ class AxesRule:
             out.extend([a[i]] if i in self.diagonal else [a[i], b[i]])
         return a, b, out
 
-    def pair_spec(self, extra_dims: int) -> str:
-        """einsum for ``A, B -> K`` where A, B are outputs followed by ``extra_dims``
-        contracted axes (parameter axes of Jacobians; 0 for the NNGP)."""
-        a, b, out = self._letters()
-        extra = _LETTERS[2 * self.ndim : 2 * self.ndim + extra_dims]
-        if 2 * self.ndim + extra_dims > len(_LETTERS):
-            raise ValueError(f"output of {self.ndim} dims with {extra_dims} parameter dims is too "
-                             "many axes to contract.")
-        return f"{''.join(a)}{extra},{''.join(b)}{extra}->{''.join(out)}"
-
     def full_spec(self) -> str:
         """einsum for ``T -> K`` where T has the x2 output axes then the x1 output axes."""
         a, b, out = self._letters()

@@ -10,7 +10,7 @@ and ``dropout_key`` is the ``rng`` of ``f(x1)`` (``f(x2)`` follows the rule of
 :mod:`mcntk._apply`). This is neural-tangents' schedule, so the same key gives the
 same estimate. The loop over samples is a ``lax.fori_loop`` with a traced trip
 count inside one ``jax.jit``: any number of samples reuses one compilation, and a
-run can stop and continue from the returned key. ``samples_per_step > 1`` vmaps
+run can stop and continue from the returned key. ``SAMPLES_PER_STEP > 1`` vmaps
 that many samples per loop step (more parallelism, more memory).
 """
 
@@ -46,14 +46,13 @@ def materialized_params(init_fn: Callable, init_key: Any, input_shape: Any, live
                         lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
-def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample,
-                samples_per_step: int | None = None) -> Runner:
+def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample) -> Runner:
     """A jitted ``run(acc, key, n, x1, x2, same, dyn) -> (acc + sum of n samples, key)``.
 
     ``x2`` may be None (then ``f(x1)`` serves both sides). ``same`` says whether the
     x2 side uses the same dropout key as x1.
     """
-    per_step = samples_per_step or SAMPLES_PER_STEP
+    per_step = SAMPLES_PER_STEP
 
     def from_split(split, x1, x2, same, dyn, live):
         init_key, dropout_key = jax.random.split(split)

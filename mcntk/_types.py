@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import enum
 import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 PyTree = Any
@@ -117,5 +116,3 @@ def unpack_implementation(implementation: Any) -> NtkImplementation:
             f"`implementation` must be one of {choices}; got {implementation!r}."
         ) from None
 
-
-KernelFn = Callable[..., Any]
