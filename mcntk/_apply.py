@@ -72,14 +72,21 @@ def second_key(key: Any, same: Any) -> Any:
     return jax.lax.cond(same, lambda: key, lambda: jax.random.fold_in(key, 1))
 
 
-def reuse_x1(x1: PyTree, x2: PyTree, kwargs: dict[str, Any]) -> bool:
-    """Whether ``f(x2)`` is ``f(x1)``: x2 is None, or equals x1 with no per-side keywords.
+def prepare(x1: PyTree, x2: PyTree | None, kwargs: dict[str, Any]):
+    """``(x2, kwargs1, kwargs2)`` for a kernel call, by the rules of this module.
 
-    Then ``f(x1)`` and its derivatives are computed once and serve both sides.
+    ``x2`` comes back as None when ``f(x2)`` is ``f(x1)`` (x2 is None or equals x1, and
+    no keyword is split per side): ``f(x1)`` and its derivatives then serve both sides.
+    With x2 None and a 2-tuple keyword, x2 is x1 with its own keyword value.
     """
-    if has_pair_kwargs(kwargs):
-        return False
-    return x2 is None or same_inputs(x1, x2) is True
+    pairs = has_pair_kwargs(kwargs)
+    if x2 is None and pairs:
+        x2 = x1
+    same = same_inputs(x1, x2)
+    if same is True and not pairs:
+        x2 = None
+    kw1, kw2 = split_kwargs(kwargs, same)
+    return x2, kw1, kw2
 
 
 def has_pair_kwargs(kwargs: dict[str, Any]) -> bool:

@@ -83,11 +83,7 @@ class KernelSpec:
 
     def __call__(self, names, params, x1, x2, kwargs):
         """Kernels with ``kwargs`` split by the x1/x2 rule, AUTO resolved by cost."""
-        if x2 is None and _apply.has_pair_kwargs(kwargs):
-            x2 = x1  # a 2-tuple keyword gives the x2 side its own value
-        if _apply.reuse_x1(x1, x2, kwargs):
-            x2 = None
-        kw1, kw2 = _apply.split_kwargs(kwargs, _apply.same_inputs(x1, x2))
+        x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
 
         def make_fn(impl):

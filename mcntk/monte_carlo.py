@@ -266,15 +266,11 @@ class _Estimator:
     def estimates(self, x1, x2, names, counts, kwargs) -> Iterator[dict[str, PyTree]]:
         x1 = check_inputs(x1, "x1")
         x2 = None if x2 is None else check_inputs(x2, "x2")
-        if x2 is None and _apply.has_pair_kwargs(kwargs):
-            x2 = x1  # a 2-tuple keyword gives the x2 side its own value
-        if self.batch_size:
+        if self.batch_size:  # before init_fn sees the shapes
             _grid.batch_length(x1, "x1")
             if x2 is not None:
                 _grid.batch_length(x2, "x2")
-        if _apply.reuse_x1(x1, x2, kwargs):
-            x2 = None
-        kw1, kw2 = _apply.split_kwargs(kwargs)
+        x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
         input_shape = jax.tree.map(lambda a: tuple(a.shape), x1)
         params_struct = jax.eval_shape(lambda k: self.init_fn(k, input_shape)[1], self.key)
