@@ -38,6 +38,7 @@ class KernelSpec:
         self.vmap_axes = _apply.canonicalize_vmap_axes(vmap_axes)
         self.implementation = unpack_implementation(implementation)
         ntk.check_available(self.implementation)
+        self.auto_choices: dict[Hashable, auto.Choice] = {}  # AUTO's choice per signature
 
     def side(self, apply_fn: Callable, params: PyTree, x: PyTree, kwargs: dict,
              per_example: bool) -> ntk.Side:
@@ -48,8 +49,8 @@ class KernelSpec:
         return ntk.Side(fn, x, pe)
 
     def kernels(self, names: tuple[str, ...], params: PyTree, x1: PyTree, x2: PyTree | None,
-                kw1: dict, kw2: dict,
-                implementation: NtkImplementation | None = None) -> dict[str, PyTree]:
+                kw1: dict, kw2: dict, implementation: NtkImplementation | None = None,
+                options: ntk.Options = ntk.DEFAULT_OPTIONS) -> dict[str, PyTree]:
         """The kernels ``names`` of one parameter sample; ``x2=None`` reuses ``f(x1)``.
 
         Traceable. ``implementation`` must be concrete (AUTO resolved by the caller).
@@ -65,35 +66,37 @@ class KernelSpec:
         out: dict[str, PyTree] = {}
         if want_ntk:
             impl = implementation or self.implementation
-            fx1, fx2, out["ntk"] = ntk.get(impl)(side1, side2, params, self.axes)
+            fx1, fx2, out["ntk"] = ntk.get(impl)(side1, side2, params, self.axes, options)
         else:
             fx1 = side1.fn(params)
             fx2 = fx1 if side2 is None else side2.fn(params)
         if "nngp" in names:
-            out["nngp"] = ntk.nngp(self.axes, fx1, fx2)
+            out["nngp"] = ntk.nngp(self.axes, fx1, fx2, options)
         return out
 
-    def resolve(self, names: tuple[str, ...], make_fn: Callable[[NtkImplementation], Callable],
+    def resolve(self, names: tuple[str, ...],
+                make_fn: Callable[[NtkImplementation, ntk.Options], Callable],
                 args: tuple, key: Hashable | None) -> NtkImplementation:
-        """The concrete implementation to use for these argument shapes."""
+        """The concrete implementation to use for these argument shapes (AUTO's choice
+        is remembered in ``self.auto_choices`` under ``key``)."""
         if self.implementation != NtkImplementation.AUTO or "ntk" not in names:
             return (self.implementation if self.implementation != NtkImplementation.AUTO
                     else NtkImplementation.JACOBIAN_CONTRACTION)
-        return auto.choose(make_fn, args, key)
+        return auto.choose(make_fn, args, self.auto_choices, key).implementation
 
     def __call__(self, names, params, x1, x2, kwargs):
         """Kernels with ``kwargs`` split by the x1/x2 rule, AUTO resolved by cost."""
         x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
 
-        def make_fn(impl):
+        def make_fn(impl, options=ntk.DEFAULT_OPTIONS):
             def fn(p, a, b, d):
                 k1, k2 = rebuild(d)
-                return self.kernels(names, p, a, b, k1, k2, impl)
+                return self.kernels(names, p, a, b, k1, k2, impl, options)
             return fn
 
         args = (params, x1, x2, dyn)
-        key = (id(self), names, auto.signature(*args), static)
+        key = (names, auto.signature(*args), static)
         try:
             hash(key)
         except TypeError:

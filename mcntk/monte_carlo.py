@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcntk import _apply, _grid, _sampler
+from mcntk import _apply, _grid, _sampler, ntk
 from mcntk._axes import AxesRule
 from mcntk._types import NtkImplementation, PyTree, canonicalize_get, pack_result
 from mcntk.empirical import KernelSpec
@@ -211,12 +211,13 @@ class _Estimator:
         self.rng = _apply.accepts_rng(spec.apply_fn)
         self._runners: dict[Any, _sampler.Runner] = {}
 
-    def _one_sample(self, names, impl, rebuild):
+    def _one_sample(self, names, impl, rebuild, options=None):
         def one_sample(params, k1, k2, x1, x2, dyn):
             kw1, kw2 = rebuild(dyn)
             if self.rng:
                 kw1, kw2 = {**kw1, "rng": k1}, {**kw2, "rng": k2}
-            return self.spec.kernels(names, params, x1, x2, kw1, kw2, impl)
+            return self.spec.kernels(names, params, x1, x2, kw1, kw2, impl,
+                                     options or ntk.DEFAULT_OPTIONS)
         return one_sample
 
     def _runner(self, names, x1b, x2b, dyn, rebuild, static, input_shape, params_struct):
@@ -225,12 +226,12 @@ class _Estimator:
         if cache_key is not None and cache_key in self._runners:
             return self._runners[cache_key]
 
-        def make_fn(impl):
-            fn = self._one_sample(names, impl, rebuild)
+        def make_fn(impl, options):
+            fn = self._one_sample(names, impl, rebuild, options)
             return lambda p, k, a, b, d: fn(p, k, k, a, b, d)
 
         impl = self.spec.resolve(names, make_fn, (params_struct, self.key, x1b, x2b, dyn),
-                                 None if cache_key is None else (id(self), cache_key))
+                                 cache_key)
         runner = _sampler.make_runner(self.init_fn, input_shape,
                                       self._one_sample(names, impl, rebuild))
         if cache_key is not None:

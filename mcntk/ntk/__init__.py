@@ -6,7 +6,7 @@ from __future__ import annotations
 from mcntk._types import NtkImplementation
 from mcntk.errors import NotYetImplementedError
 from mcntk.ntk import jacobian_contraction, vector_products
-from mcntk.ntk._sides import Axes, NtkFn, Side, nngp
+from mcntk.ntk._sides import DEFAULT_OPTIONS, Axes, NtkFn, Options, Side, nngp
 
 IMPLEMENTATIONS: dict[NtkImplementation, NtkFn] = {
     NtkImplementation.JACOBIAN_CONTRACTION: jacobian_contraction.ntk,
@@ -32,4 +32,5 @@ def check_available(implementation: NtkImplementation) -> None:
         get(implementation)
 
 
-__all__ = ["Axes", "IMPLEMENTATIONS", "NtkFn", "Side", "check_available", "get", "nngp"]
+__all__ = ["DEFAULT_OPTIONS", "Axes", "IMPLEMENTATIONS", "NtkFn", "Options", "Side",
+           "check_available", "get", "nngp"]

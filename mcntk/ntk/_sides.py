@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -49,35 +48,36 @@ class Axes(NamedTuple):
         return rules
 
 
+class Options(NamedTuple):
+    """How an NTK implementation should lay out its computation (explicit, never global).
+
+    Attributes:
+      loop_free: emit loop-free programs (no ``fori_loop``/``lax.map`` chunking), so
+        that XLA's cost analysis, which cannot see trip counts, counts all the work.
+        AUTO sets it while it costs candidates.
+      platform: the platform of the devices that run the kernel (``'cpu'``,
+        ``'gpu'``, ``'tpu'``); None means ``jax.default_backend()``.
+    """
+
+    loop_free: bool = False
+    platform: str | None = None
+
+    def on_cpu(self) -> bool:
+        return (self.platform or jax.default_backend()) == "cpu"
+
+
+DEFAULT_OPTIONS = Options()
+
 # On CPU, XLA multiplies a wide (F x C) @ (C x F) product much faster in slices of
 # the contracted axis than in one piece; elsewhere one product is best.
 _CPU_CHUNK = 4096
 
-# Set while AUTO costs a program: loops hide their trip counts from XLA's cost
-# analysis, so implementations then emit their loop-free form.
-_costing = False
 
-
-@contextlib.contextmanager
-def loop_free():
-    """Within this context, implementations trace without loops (for cost analysis)."""
-    global _costing
-    old, _costing = _costing, True
-    try:
-        yield
-    finally:
-        _costing = old
-
-
-def costing() -> bool:
-    return _costing
-
-
-def gram(a: jax.Array, b: jax.Array) -> jax.Array:
+def gram(a: jax.Array, b: jax.Array, options: Options = DEFAULT_OPTIONS) -> jax.Array:
     """``einsum('dfc,dgc->dfg', a, b)`` at full precision, sliced along ``c`` on CPU."""
     dot = lambda u, v: jnp.einsum("dfc,dgc->dfg", u, v, precision=jax.lax.Precision.HIGHEST)
     size = a.shape[-1]
-    if _costing or jax.default_backend() != "cpu" or size <= 4 * _CPU_CHUNK:
+    if options.loop_free or not options.on_cpu() or size <= 4 * _CPU_CHUNK:
         return dot(a, b)
     steps = size // _CPU_CHUNK
 
@@ -95,7 +95,8 @@ def gram(a: jax.Array, b: jax.Array) -> jax.Array:
     return acc
 
 
-def contract_outputs(rule: AxesRule, a: jax.Array, b: jax.Array, extra_dims: int = 0) -> jax.Array:
+def contract_outputs(rule: AxesRule, a: jax.Array, b: jax.Array, extra_dims: int = 0,
+                     options: Options = DEFAULT_OPTIONS) -> jax.Array:
     """Sum over traced (and ``extra_dims`` trailing) axes of ``a * b``, as a mean over the
     traced axes, laid out by the axes rule."""
     nd = rule.ndim
@@ -110,7 +111,7 @@ def contract_outputs(rule: AxesRule, a: jax.Array, b: jax.Array, extra_dims: int
         f = math.prod(x.shape[len(diag): len(diag) + len(free)])
         return x.reshape(d, f, -1)
 
-    g = gram(as_3d(a), as_3d(b))
+    g = gram(as_3d(a), as_3d(b), options)
     shape_a, shape_b = jnp.shape(a), jnp.shape(b)
     g = g.reshape([shape_a[i] for i in diag] + [shape_a[i] for i in free]
                   + [shape_b[i] for i in free])
@@ -127,17 +128,18 @@ def contract_outputs(rule: AxesRule, a: jax.Array, b: jax.Array, extra_dims: int
     return g / rule.trace_size(shape_a)
 
 
-def nngp(axes: Axes, fx1: PyTree, fx2: PyTree) -> PyTree:
+def nngp(axes: Axes, fx1: PyTree, fx2: PyTree, options: Options = DEFAULT_OPTIONS) -> PyTree:
     """The empirical NNGP of one sample: one kernel per output leaf."""
     rules = axes.rules(fx1, fx2)
     l1, treedef = jax.tree.flatten(fx1)
     l2 = jax.tree.leaves(fx2)
-    kernels = [contract_outputs(r, a, b) for r, a, b in zip(rules, l1, l2)]
+    kernels = [contract_outputs(r, a, b, 0, options) for r, a, b in zip(rules, l1, l2)]
     return jax.tree.unflatten(treedef, kernels)
 
 
-NtkFn = Callable[[Side, "Side | None", PyTree, Axes], tuple[PyTree, PyTree, PyTree]]
-"""``(side1, side2_or_None, params, axes) -> (f(x1), f(x2), ntk)``; side2 None means x2 = x1."""
+NtkFn = Callable[[Side, "Side | None", PyTree, Axes, Options], tuple[PyTree, PyTree, PyTree]]
+"""``(side1, side2_or_None, params, axes, options) -> (f(x1), f(x2), ntk)``; side2 None
+means x2 = x1."""
 
 
 def zeros_except(tree: PyTree, index: int, leaf: Any) -> PyTree:

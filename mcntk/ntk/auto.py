@@ -1,23 +1,34 @@
 """``NtkImplementation.AUTO``: pick the implementation XLA's cost model rates cheapest.
 
 Each candidate one-sample kernel function is lowered (traced, not compiled) for the
-given argument shapes and the FLOP counts of the lowered programs are compared. The
-answer is cached per signature, so the price is paid once per input shape.
+given argument shapes, in its loop-free form, and the costs of the lowered programs
+are compared. The answer is cached by the caller (the kernel function that owns
+the cache), per signature, so the price is paid once per input shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, MutableMapping
+from typing import Any, NamedTuple
 
 import jax
 
 from mcntk._types import NtkImplementation
 from mcntk.ntk import IMPLEMENTATIONS
-from mcntk.ntk._sides import loop_free
+from mcntk.ntk._sides import Options
 
-_CACHE: dict[Hashable, NtkImplementation] = {}
-_CACHE_LIMIT = 512
+CACHE_LIMIT = 512
+
+
+class Choice(NamedTuple):
+    """What AUTO chose for one signature, and the cost of every candidate."""
+
+    implementation: NtkImplementation
+    costs: dict[NtkImplementation, float]
+
+    def __str__(self) -> str:
+        listed = ", ".join(f"{i.name}: {c:.3g}" for i, c in sorted(self.costs.items()))
+        return f"{self.implementation.name} (estimated cost {listed})"
 
 
 def _abstract(tree: Any) -> Any:
@@ -35,8 +46,7 @@ def signature(*trees: Any) -> Hashable:
 def flops(fn: Callable, *args: Any) -> float:
     """FLOPs of ``fn(*args)`` according to XLA's cost analysis of the lowered program."""
     try:
-        with loop_free():
-            cost = jax.jit(fn).lower(*_abstract(args)).cost_analysis()
+        cost = jax.jit(fn).lower(*_abstract(args)).cost_analysis()
     except Exception:  # a backend without a cost model: treat as unknown
         return float("inf")
     if isinstance(cost, (list, tuple)):
@@ -45,15 +55,21 @@ def flops(fn: Callable, *args: Any) -> float:
     return float("inf") if value is None or value < 0 else float(value)
 
 
-def choose(make_fn: Callable[[NtkImplementation], Callable], args: tuple,
-           key: Hashable | None) -> NtkImplementation:
-    """The cheapest implementation for ``make_fn(impl)(*args)``; cached under ``key``."""
-    if key is not None and key in _CACHE:
-        return _CACHE[key]
-    costs = {impl: flops(make_fn(impl), *args) for impl in IMPLEMENTATIONS}
+def choose(make_fn: Callable[[NtkImplementation, Options], Callable], args: tuple,
+           cache: MutableMapping[Hashable, Choice] | None = None,
+           key: Hashable | None = None) -> Choice:
+    """The cheapest implementation for ``make_fn(impl, options)(*args)``.
+
+    ``cache`` (owned by the caller) memoises the choice under ``key``.
+    """
+    if cache is not None and key is not None and key in cache:
+        return cache[key]
+    costing = Options(loop_free=True)
+    costs = {impl: flops(make_fn(impl, costing), *args) for impl in IMPLEMENTATIONS}
     best = min(costs, key=lambda i: (costs[i], int(i)))
-    if key is not None:
-        if len(_CACHE) >= _CACHE_LIMIT:
-            _CACHE.clear()
-        _CACHE[key] = best
-    return best
+    choice = Choice(best, costs)
+    if cache is not None and key is not None:
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        cache[key] = choice
+    return choice

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from mcntk._types import PyTree
-from mcntk.ntk._sides import Axes, Side, contract_outputs
+from mcntk.ntk._sides import Axes, Options, Side, contract_outputs
 
 
 def _with_output(fn):
@@ -31,7 +31,7 @@ def jacobian(side: Side, params: PyTree) -> tuple[PyTree, PyTree]:
     return out, jac
 
 
-def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes):
+def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes, options: Options):
     fx1, j1 = jacobian(side1, params)
     fx2, j2 = (fx1, j1) if side2 is None else jacobian(side2, params)
     rules = axes.rules(fx1, fx2)
@@ -40,7 +40,7 @@ def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes):
     jac2 = treedef.flatten_up_to(j2)
     kernels = []
     for rule, y1, y2, p1, p2 in zip(rules, out1, jax.tree.leaves(fx2), jac1, jac2):
-        terms = [contract_outputs(rule, a, b, a.ndim - rule.ndim)
+        terms = [contract_outputs(rule, a, b, a.ndim - rule.ndim, options)
                  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2))]
         kernels.append(sum(terms[1:], terms[0]) if terms else jax.numpy.zeros(
             rule.kernel_shape(y1.shape, y2.shape), y1.dtype))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mcntk._types import PyTree
-from mcntk.ntk._sides import Axes, Side, costing, zeros_except
+from mcntk.ntk._sides import Axes, Options, Side, zeros_except
 
 _MAX_IN_FLIGHT = 1024  # parameter-sized tangents alive at once (outside cost analysis)
 
@@ -24,9 +24,9 @@ def _basis(shape, dtype):
     return jnp.eye(size, dtype=dtype).reshape((size, *shape))
 
 
-def _chunked(count: int, per_item: int = 1) -> int | None:
+def _chunked(count: int, per_item: int, options: Options) -> int | None:
     """Items per ``lax.map`` step, or None to vmap all ``count`` items at once."""
-    if costing() or count * per_item <= _MAX_IN_FLIGHT:
+    if options.loop_free or count * per_item <= _MAX_IN_FLIGHT:
         return None
     return max(1, _MAX_IN_FLIGHT // per_item)
 
@@ -35,7 +35,8 @@ def _map(fn, xs, batch_size):
     return jax.vmap(fn)(xs) if batch_size is None else jax.lax.map(fn, xs, batch_size=batch_size)
 
 
-def _columns(jvp1, side2: Side, params: PyTree, fx2: PyTree, vjp2, index: int):
+def _columns(jvp1, side2: Side, params: PyTree, fx2: PyTree, vjp2, index: int,
+             options: Options):
     """``K[b..., a...] = (J(x1) J(x2)^T)`` for output leaf ``index``: x2's axes first."""
     leaf2 = jax.tree.leaves(fx2)[index]
     pe = side2.per_example
@@ -44,7 +45,7 @@ def _columns(jvp1, side2: Side, params: PyTree, fx2: PyTree, vjp2, index: int):
             tangent = vjp2(zeros_except(fx2, index, e))[0]
             return jax.tree.leaves(jvp1(tangent))[index]
 
-        cols = _map(column, _basis(leaf2.shape, leaf2.dtype), _chunked(leaf2.size))
+        cols = _map(column, _basis(leaf2.shape, leaf2.dtype), _chunked(leaf2.size, 1, options))
         return cols.reshape(leaf2.shape + cols.shape[1:])
 
     def one(x_i, kw_i):  # every column of one x2 example
@@ -59,10 +60,10 @@ def _columns(jvp1, side2: Side, params: PyTree, fx2: PyTree, vjp2, index: int):
 
     axis = jax.tree.leaves(pe.out_axes)[index]
     per_example = max(1, leaf2.size // max(1, leaf2.shape[axis]))
-    return pe.map(one, side2.x, axis, _chunked(leaf2.shape[axis], per_example))
+    return pe.map(one, side2.x, axis, _chunked(leaf2.shape[axis], per_example, options))
 
 
-def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes):
+def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes, options: Options):
     fx1, jvp1 = jax.linearize(side1.fn, params)
     if side2 is None:
         fx2, side2 = fx1, side1
@@ -73,6 +74,6 @@ def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes):
     leaves1, treedef = jax.tree.flatten(fx1)
     kernels = []
     for index, (rule, y1) in enumerate(zip(rules, leaves1)):
-        full = _columns(jvp1, side2, params, fx2, vjp2, index)
+        full = _columns(jvp1, side2, params, fx2, vjp2, index, options)
         kernels.append(jnp.einsum(rule.full_spec(), full) / rule.trace_size(y1.shape))
     return fx1, fx2, jax.tree.unflatten(treedef, kernels)
