@@ -42,6 +42,24 @@ def accepts_rng(apply_fn: Callable[..., Any]) -> bool:
     return False
 
 
+INPUT_SPECS_ATTRIBUTE = "accepts_input_specs"
+"""An ``init`` function with this attribute set to True (adapters' inits have it) is
+called as ``init(key, input_specs, **kwargs)``: ``input_specs`` holds a
+``jax.ShapeDtypeStruct`` per input leaf (x1's shape and dtype) and ``kwargs`` are the
+kernel call's keyword arguments for x1 (flags such as ``train=False``). Other inits
+are called as ``init(key, input_shape)`` with shape tuples (stax's convention)."""
+
+
+def call_init(init_fn: Callable, key: Any, x1: PyTree, kwargs1: dict[str, Any]) -> PyTree:
+    """The params that ``init_fn`` draws from ``key`` for inputs like ``x1``."""
+    if getattr(init_fn, INPUT_SPECS_ATTRIBUTE, False):
+        specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                             x1)
+        kwargs = {k: v for k, v in kwargs1.items() if k != "rng"}
+        return init_fn(key, specs, **kwargs)[1]
+    return init_fn(key, jax.tree.map(lambda a: tuple(jnp.shape(a)), x1))[1]
+
+
 def same_inputs(x1: PyTree, x2: PyTree) -> Any:
     """``x2`` equals ``x1``: a Python bool when decidable statically, else a traced bool."""
     if x2 is None or x1 is x2:

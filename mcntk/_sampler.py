@@ -31,8 +31,8 @@ SAMPLES_PER_STEP = 1
 OneSample = Callable[[PyTree, Any, Any, PyTree, PyTree, Any], PyTree]
 
 
-def materialized_params(init_fn: Callable, init_key: Any, input_shape: Any, live: Any) -> PyTree:
-    """``init_fn(init_key, input_shape)[1]``, computed behind a conditional.
+def materialized_params(init: Callable, init_key: Any, dyn: Any, live: Any) -> PyTree:
+    """``init(init_key, dyn)`` (the params), computed behind a conditional.
 
     ``live`` is a traced bool that is always true. Without the conditional, XLA may
     fuse the element-wise tail of parameter sampling (e.g. the inverse error
@@ -40,13 +40,13 @@ def materialized_params(init_fn: Callable, init_key: Any, input_shape: Any, live
     recompute it for every Jacobian entry: 2-3x slower on CPU. A conditional's
     result is materialised once.
     """
-    init = lambda: init_fn(init_key, input_shape)[1]
-    shapes = jax.eval_shape(init)
-    return jax.lax.cond(live, init,
+    draw = lambda: init(init_key, dyn)
+    shapes = jax.eval_shape(draw)
+    return jax.lax.cond(live, draw,
                         lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
-def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample) -> Runner:
+def make_runner(init: Callable, one_sample: OneSample) -> Runner:
     """A jitted ``run(acc, key, n, x1, x2, same, dyn) -> (acc + sum of n samples, key)``.
 
     ``x2`` may be None (then ``f(x1)`` serves both sides). ``same`` says whether the
@@ -56,7 +56,7 @@ def make_runner(init_fn: Callable, input_shape: Any, one_sample: OneSample) -> R
 
     def from_split(split, x1, x2, same, dyn, live):
         init_key, dropout_key = jax.random.split(split)
-        params = materialized_params(init_fn, init_key, input_shape, live)
+        params = materialized_params(init, init_key, dyn, live)
         k2 = dropout_key if x2 is None else second_key(dropout_key, same)
         return one_sample(params, dropout_key, k2, x1, x2, dyn)
 

@@ -220,9 +220,9 @@ class _Estimator:
                                      options or ntk.DEFAULT_OPTIONS)
         return one_sample
 
-    def _runner(self, names, x1b, x2b, dyn, rebuild, static, input_shape, params_struct):
+    def _runner(self, names, x1b, x2b, dyn, rebuild, static, x1, params_struct):
         cache_key = _hashable((names, auto.signature(x1b, x2b, dyn), x2b is None,
-                               str(input_shape), static))
+                               auto.signature(x1), static))
         if cache_key is not None and cache_key in self._runners:
             return self._runners[cache_key]
 
@@ -232,8 +232,10 @@ class _Estimator:
 
         impl = self.spec.resolve(names, make_fn, (params_struct, self.key, x1b, x2b, dyn),
                                  cache_key)
-        runner = _sampler.make_runner(self.init_fn, input_shape,
-                                      self._one_sample(names, impl, rebuild))
+        def init(key, d):
+            return _apply.call_init(self.init_fn, key, x1, rebuild(d)[0])
+
+        runner = _sampler.make_runner(init, self._one_sample(names, impl, rebuild))
         if cache_key is not None:
             self._runners[cache_key] = runner
         return runner
@@ -273,8 +275,8 @@ class _Estimator:
                 _grid.batch_length(x2, "x2")
         x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
-        input_shape = jax.tree.map(lambda a: tuple(a.shape), x1)
-        params_struct = jax.eval_shape(lambda k: self.init_fn(k, input_shape)[1], self.key)
+        params_struct = jax.eval_shape(
+            lambda k, d: _apply.call_init(self.init_fn, k, x1, rebuild(d)[0]), self.key, dyn)
         plan, perms = self._plan(x1, x2, kw1, params_struct)
         if plan.single:
             x1s, x2s = [x1], [x2]
@@ -286,8 +288,7 @@ class _Estimator:
             x2b = None if (x2 is None and i == j) else x2s[j]
             # neural-tangents' rule per block: x2's dropout key is x1's when the blocks are equal
             same = jnp.asarray(_apply.same_inputs(x1s[i], x2b) if self.rng else True)
-            runner = self._runner(names, x1s[i], x2b, dyn, rebuild, static, input_shape,
-                                  params_struct)
+            runner = self._runner(names, x1s[i], x2b, dyn, rebuild, static, x1, params_struct)
             jobs.append(((i, j), runner, x1s[i], x2b, same))
         return self._loop(jobs, plan, perms, counts, dyn)
 
