@@ -2,11 +2,15 @@
 
 Every adapter turns a framework's model into ``Model(init, apply)``:
 
-* ``init(key, input_shape) -> (output_shape, params)``. ``input_shape`` is a shape
-  (a tuple of ints) or a pytree of shapes for pytree inputs; a leaf may also be a
-  ``jax.ShapeDtypeStruct`` to give that input its own dtype. Adapters build a zero
-  example input of that shape (dtype ``input_dtype``, default: JAX's default float)
-  and return the shape (pytree) of the output.
+* ``init(key, input_shape, **kwargs) -> (output_shape, params)``. ``input_shape``
+  is a shape (a tuple of ints) or a pytree of shapes for pytree inputs; a leaf may
+  also be a ``jax.ShapeDtypeStruct`` to give that input its own dtype. Adapters build
+  a zero example input of that shape (dtype: the adapter option ``input_dtype`` if
+  given, else the leaf's dtype, else JAX's default float), call the model on it with
+  ``kwargs`` merged with the option ``init_kwargs`` (``init_kwargs`` win), and return
+  the shape (pytree) of the output. Adapters' inits are marked by
+  :func:`make_init`, so the estimator passes them x1's shapes and dtypes and the
+  kernel call's keyword arguments for x1 (``train=False``, a mask).
 * ``apply(params, x, rng=None, **kwargs) -> output pytree``. ``rng`` is the
   estimator's dropout key; it drives every random stream of the model.
 
@@ -30,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcntk._apply import INPUT_SPECS_ATTRIBUTE
 from mcntk._types import ApplyFn, InitFn, PyTree
 from mcntk.errors import MissingFrameworkError
 
@@ -45,7 +50,8 @@ class Model(NamedTuple):
 
     Attributes:
       init: ``init(key, input_shape) -> (output_shape, params)``; draws fresh
-        parameters from ``key``.
+        parameters from ``key``. Adapters' init functions also take the model call's
+        keyword arguments (``init(key, input_shape, train=False)``).
       apply: ``apply(params, x, **kwargs) -> output pytree``; adapters' apply
         functions also take ``rng=None``, the key of dropout and other random streams.
 
@@ -166,7 +172,8 @@ def is_shape(x: Any) -> bool:
 
 def example_input(input_shape: Any, dtype: Any) -> PyTree:
     """Zeros of ``input_shape`` (a shape or a pytree of shapes / ShapeDtypeStructs), of
-    ``dtype`` (one dtype, or a pytree of dtypes that is a prefix of the input)."""
+    ``dtype`` (one dtype, or a pytree of dtypes that is a prefix of the input); where
+    ``dtype`` is None, of the ShapeDtypeStruct's dtype, else JAX's default float."""
     if dtype is not None and not isinstance(dtype, np.dtype):
         try:
             return jax.tree.map(lambda d, sub: example_input(sub, d), dtype, input_shape,
@@ -176,8 +183,8 @@ def example_input(input_shape: Any, dtype: Any) -> PyTree:
                              f"input shape {input_shape!r}.") from e
 
     def make(leaf: Any) -> jax.Array:
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jnp.zeros(leaf.shape, leaf.dtype)
+        if isinstance(leaf, jax.ShapeDtypeStruct):  # an explicit `input_dtype` wins
+            return jnp.zeros(leaf.shape, leaf.dtype if dtype is None else dtype)
         if not is_shape(leaf):
             raise TypeError(f"`input_shape` must be a shape (a tuple of ints) or a pytree of "
                             f"shapes, got {leaf!r} in {input_shape!r}.")
@@ -187,6 +194,34 @@ def example_input(input_shape: Any, dtype: Any) -> PyTree:
 
     return jax.tree.map(make, input_shape,
                         is_leaf=lambda v: is_shape(v) or isinstance(v, jax.ShapeDtypeStruct))
+
+
+def make_init(build: Callable[[Any, PyTree, dict[str, Any]], tuple[PyTree, PyTree]], *,
+              dtype: Any, init_kwargs: dict[str, Any]) -> InitFn:
+    """An adapter's ``init(key, input_shape, **kwargs)``, marked for the estimator.
+
+    The returned ``init`` builds the example input with :func:`example_input` (so an
+    explicit ``input_dtype`` wins over the dtypes of ``jax.ShapeDtypeStruct`` leaves)
+    and calls ``build(key, x, {**kwargs, **init_kwargs})``: the model call's keyword
+    arguments, the adapter's ``init_kwargs`` winning on conflicts. It carries
+    ``accepts_input_specs = True`` (:data:`mcntk._apply.INPUT_SPECS_ATTRIBUTE`), so the
+    estimator calls it with x1's shapes and dtypes and the kernel call's keyword
+    arguments for x1 (never ``rng``).
+
+    Args:
+      build: ``build(key, x, kwargs) -> (output_shape, params)`` for the example input
+        ``x``.
+      dtype: the checked ``input_dtype`` option (None: the specs' dtypes).
+      init_kwargs: the checked ``init_kwargs`` option.
+
+    Returns:
+      ``init(key, input_shape, **kwargs) -> (output_shape, params)``.
+    """
+    def init(key: Any, input_shape: Any, **kwargs: Any) -> tuple[PyTree, PyTree]:
+        return build(key, example_input(input_shape, dtype), {**kwargs, **init_kwargs})
+
+    setattr(init, INPUT_SPECS_ATTRIBUTE, True)
+    return init
 
 
 def shapes(tree: PyTree) -> PyTree:

@@ -16,7 +16,9 @@ with a TypeError that asks for a factory.
 * ``apply(params, x, rng=key)`` passes ``key=`` to the module call if its signature
   has a ``key`` parameter (``eqx.nn.MLP``, ``eqx.nn.Dropout`` do): the batch key
   itself when ``batched=True``, else ``jax.random.split(key, batch_size)``, one key
-  per example. Other keyword arguments (``inference=``) reach the call unmapped.
+  per example. Other keyword arguments (``inference=``) reach the call unmapped;
+  ``init(key, input_shape, **kwargs)`` passes them (merged with ``init_kwargs``) to
+  the abstract call that gives the output shape.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from ._base import (
     check_kwargs,
     describe,
     dummy_key,
-    example_input,
     import_framework,
     leading_size,
     loaded_module,
+    make_init,
     output_shape,
 )
 
@@ -76,10 +78,11 @@ class EquinoxAdapter:
           factory: ``factory(key) -> eqx.Module``.
           batched: whether the module maps a whole batch (``True``) or one example
             (``False``: ``apply`` vmaps it over the leading axis of ``x``).
-          input_dtype: dtype of the example input built by ``init``; ``None`` is
-            JAX's default float.
+          input_dtype: dtype of the example input built by ``init``; wins over the
+            dtype of the input specs ``init`` gets (from the estimator: x1's dtype).
           init_kwargs: keyword arguments of the module call used by ``init`` to
-            infer the output shape.
+            infer the output shape; merged over those ``init`` is called with (from
+            the estimator: the kernel call's keyword arguments for x1).
 
         Returns:
           A :class:`Model`.
@@ -112,10 +115,9 @@ class EquinoxAdapter:
         static = eqx.partition(abstract, _is_abstract_array)[1]
         takes_key = accepts_keyword(abstract, "key", default=False, var_keyword=False)
 
-        def init(key, input_shape):
+        def build(key, x, kwargs):
             params = eqx.filter(factory(key), eqx.is_array)
-            x = example_input(input_shape, dtype)
-            return output_shape(functools.partial(apply, rng=dummy_key(), **init_kw),
+            return output_shape(functools.partial(apply, rng=dummy_key(), **kwargs),
                                 params, x), params
 
         def apply(params, x, rng=None, **kwargs):
@@ -128,7 +130,7 @@ class EquinoxAdapter:
             keys = jax.random.split(rng, leading_size(x))
             return jax.vmap(lambda xi, ki: module(xi, key=ki, **kwargs))(x, keys)
 
-        return Model(init, apply)
+        return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)
 
 
 def equinox_model(factory: Any, **options: Any) -> Model:

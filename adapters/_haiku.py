@@ -9,7 +9,8 @@
   raises :class:`StateMutationError` unless ``mutable=True``, which discards the
   new state.
 
-The transformed function is called as ``f(x, **kwargs)``. Whether ``apply`` takes an
+The transformed function is called as ``f(x, **kwargs)``, by ``init(key,
+input_shape, **kwargs)`` too (merged with ``init_kwargs``). Whether ``apply`` takes an
 rng is read from its signature (``rng`` after ``params`` / ``state``), so
 ``hk.Transformed(f.init, jax.jit(f.apply))`` works too.
 """
@@ -20,6 +21,7 @@ import inspect
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mcntk.errors import StateMutationError
 
@@ -30,13 +32,42 @@ from ._base import (
     check_kwargs,
     describe,
     dummy_key,
-    example_input,
     hold_fixed,
     import_framework,
     loaded_module,
+    make_init,
     output_shape,
     unchanged,
 )
+
+BATCHNORM_NOTE = (
+    "right after init its moving averages hold the statistics of init's example input "
+    "(zeros: identical examples), so the running variance is 0, each feature is divided "
+    "by sqrt(eps) and kernels come out ~1/eps (~1e5) times too large, without an error. "
+    "Either take the kernel in training mode (mutable=True, is_training=True, "
+    "vmap_axes=None), or set the statistics after init in an init function of your own "
+    "(e.g. every 'var_ema' state's 'average' to ones and every 'mean_ema' one to zeros, "
+    "where Flax's BatchNorm starts); see docs/adapters.md.")
+"""Why hk.BatchNorm in inference mode right after ``init`` gives wrong kernels."""
+
+
+def missing_state_advice(error: Exception, kwargs: dict[str, Any]) -> str:
+    """The message for Haiku's "No value for ..." error during ``init``."""
+    return (f"Haiku found no initial value for a state variable during init ({error}). "
+            f"hk.BatchNorm and hk.ExponentialMovingAverage create their state only in "
+            f"training mode, and init called the function with keyword arguments "
+            f"{summarize(kwargs)} (the kernel call's arguments for x1, merged with "
+            f"`init_kwargs`). Pass init_kwargs={{'is_training': True}} (your function's "
+            f"training flag) to as_model; but note that for hk.BatchNorm used in inference "
+            f"mode {BATCHNORM_NOTE}")
+
+
+def summarize(kwargs: dict[str, Any]) -> str:
+    """``kwargs`` for a message: static values as they are, arrays as shape and dtype."""
+    def show(v: Any) -> str:
+        return f"<array {jnp.shape(v)} {jnp.result_type(v)}>" if hasattr(v, "shape") else repr(v)
+
+    return "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in kwargs.items()) + "}"
 
 
 def takes_rng(apply_fn: Any, position: int) -> bool:
@@ -75,10 +106,12 @@ class HaikuAdapter:
         Args:
           f: ``hk.transform(fn)``, ``hk.transform_with_state(fn)``, or either wrapped
             in ``hk.without_apply_rng``; ``fn(x, **kwargs)``.
-          input_dtype: dtype of the example input built by ``init``; ``None`` is
-            JAX's default float.
+          input_dtype: dtype of the example input built by ``init``; wins over the
+            dtype of the input specs ``init`` gets (from the estimator: x1's dtype).
           init_kwargs: keyword arguments of ``fn`` during ``init``, e.g.
-            ``{'is_training': True}`` (``hk.BatchNorm`` creates its state only then).
+            ``{'is_training': True}`` (``hk.BatchNorm`` creates its state only then);
+            merged over those ``init`` is called with (from the estimator: the kernel
+            call's keyword arguments for x1).
           mutable: for ``TransformedWithState``, let ``apply`` write state and discard
             the new state. See :class:`StateMutationError`.
 
@@ -116,14 +149,15 @@ class HaikuAdapter:
             out, new_state = f.apply(params["params"], state, *rng_args, x, **kwargs)
             return out, jax.tree.leaves(state), new_state
 
-        def init(key, input_shape):
-            x = example_input(input_shape, dtype)
-            if with_state:
-                p, state = f.init(key, x, **init_kw)
-                params = {"params": p, "state": state}
-            else:
-                params = f.init(key, x, **init_kw)
-            shape = output_shape(lambda p, x: call(p, x, dummy_key(), init_kw)[0], params, x)
+        def build(key, x, kwargs):
+            try:
+                raw = f.init(key, x, **kwargs)
+            except ValueError as e:
+                if "No value for" not in str(e):
+                    raise
+                raise ValueError(missing_state_advice(e, kwargs)) from e
+            params = {"params": raw[0], "state": raw[1]} if with_state else raw
+            shape = output_shape(lambda p, x: call(p, x, dummy_key(), kwargs)[0], params, x)
             return shape, params
 
         def apply(params, x, rng=None, **kwargs):
@@ -135,8 +169,9 @@ class HaikuAdapter:
                     "holds state fixed, so the update would be discarded; and batch "
                     "statistics couple the examples of a batch, so the kernel is not "
                     "per-example and `vmap_axes` must be None. To accept that, pass "
-                    "mutable=True to as_model; otherwise call it in inference mode (e.g. "
-                    "is_training=False).")
+                    "mutable=True to as_model: each batch is then normalised by its own "
+                    "statistics. Inference mode (is_training=False) is no remedy for "
+                    f"hk.BatchNorm: {BATCHNORM_NOTE}")
             return out
 
-        return Model(init, apply)
+        return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)

@@ -7,7 +7,8 @@
   ``rngs={'dropout': key}``; with several ``rng_streams`` each gets a key from
   ``jax.random.split(key, n)``, in order. ``rng=None`` passes no rngs, so a module
   that needs a stream raises Flax's error. Other keyword arguments (``train=``,
-  ``deterministic=``) reach the module's method.
+  ``deterministic=``) reach the module's method; ``init(key, input_shape, **kwargs)``
+  passes them to ``module.init`` as well, merged with ``init_kwargs``.
 * A module that writes to a collection during ``apply`` (BatchNorm with
   ``use_running_average=False``) raises :class:`StateMutationError` unless
   ``mutable=`` names the collections; then the updates are discarded.
@@ -28,10 +29,10 @@ from ._base import (
     check_kwargs,
     check_rng_streams,
     describe,
-    example_input,
     hold_fixed,
     import_framework,
     loaded_module,
+    make_init,
     shapes,
     stream_keys,
 )
@@ -76,10 +77,13 @@ class LinenAdapter:
         Args:
           module: an unbound ``flax.linen.Module``.
           input_dtype: dtype of the example input built by ``init`` (e.g.
-            ``jnp.int32`` for token ids); ``None`` is JAX's default float.
+            ``jnp.int32`` for token ids); wins over the dtype of the input specs
+            ``init`` gets (from the estimator: x1's dtype). ``None``: the specs'
+            dtype, or JAX's default float for plain shapes.
           rng_streams: names of the random streams that ``apply``'s ``rng`` feeds.
           init_kwargs: keyword arguments of the module call during ``init``, e.g.
-            ``{'train': False}``.
+            ``{'train': True}``; merged over those ``init`` is called with (from
+            the estimator: the kernel call's keyword arguments for x1).
           method: the module method to call instead of ``__call__``.
           mutable: collections that ``apply`` may write (the writes are discarded):
             a name, a list of names or ``True``. See :class:`StateMutationError`.
@@ -108,10 +112,9 @@ class LinenAdapter:
         init_kw = check_kwargs("init_kwargs", init_kwargs)
         mutable = check_mutable(mutable)
 
-        def init(key, input_shape):
-            x = example_input(input_shape, dtype)
+        def build(key, x, kwargs):
             rngs = {PARAMS: key, **stream_keys(jax.random.fold_in(key, 1), streams)}
-            out, variables = module.init_with_output(rngs, x, method=method, **init_kw)
+            out, variables = module.init_with_output(rngs, x, method=method, **kwargs)
             return shapes(out), variables
 
         def apply(params, x, rng=None, **kwargs):
@@ -134,4 +137,4 @@ class LinenAdapter:
                     f"(e.g. train=False or use_running_average=True).") from e
             return out[0] if mutable else out
 
-        return Model(init, apply)
+        return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)

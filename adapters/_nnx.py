@@ -8,11 +8,12 @@ marked explicitly: ``nnx_model(factory)`` or ``as_model(factory, framework='nnx'
 ``as_model`` accepts ``nnx.Module`` subclasses directly, and rejects module
 *instances* with a TypeError that asks for a factory.
 
-* ``init(key, shape)`` builds the module with ``nnx.Rngs(key, dropout=...)`` (one
+* ``init(key, shape, **kwargs)`` builds the module with ``nnx.Rngs(key, dropout=...)`` (one
   named stream per ``rng_streams``) and returns pure dicts
   (``nnx.to_pure_dict``): ``{'params': <nnx.Param state>}`` plus, if the module has
   other variables (``BatchStat``, ...), ``'fixed': <their state>``, held fixed by
-  ``jax.lax.stop_gradient`` in ``apply``.
+  ``jax.lax.stop_gradient`` in ``apply``. It calls the module abstractly with
+  ``kwargs`` (merged with ``init_kwargs``) for the output shape.
 * RNG state is not part of ``params``: ``apply(params, x, rng=key)`` re-keys every
   ``RngStream`` of the module from ``key`` (counts reset to 0), so dropout masks
   come from the estimator's key. The streams named in ``rng_streams`` come first,
@@ -40,10 +41,10 @@ from ._base import (
     check_rng_streams,
     describe,
     dummy_key,
-    example_input,
     hold_fixed,
     import_framework,
     loaded_module,
+    make_init,
     output_shape,
     stream_keys,
     unchanged,
@@ -138,12 +139,14 @@ class NnxAdapter:
         Args:
           factory: ``factory(rngs) -> nnx.Module``, e.g. ``lambda rngs: Net(3, rngs=rngs)``
             or an ``nnx.Module`` subclass whose constructor needs only ``rngs``.
-          input_dtype: dtype of the example input built by ``init``; ``None`` is
-            JAX's default float.
+          input_dtype: dtype of the example input built by ``init``; wins over the
+            dtype of the input specs ``init`` gets (from the estimator: x1's dtype).
           rng_streams: named streams created for the factory (``nnx.Rngs(key,
             dropout=...)``) and re-keyed first from ``apply``'s ``rng``.
           init_kwargs: keyword arguments of the module call used by ``init`` to
-            infer the output shape, e.g. ``{'train': False}``.
+            infer the output shape, e.g. ``{'deterministic': True}``; merged over
+            those ``init`` is called with (from the estimator: the kernel call's
+            keyword arguments for x1).
           mutable: let the call write non-``Param`` variables, discarding the writes.
 
         Returns:
@@ -209,13 +212,12 @@ class NnxAdapter:
             out = module(x, **kwargs)
             return out, not unchanged(before, nnx.state(module, fixed_filter))
 
-        def init(key, input_shape):
+        def build_params(key, x, kwargs):
             _, p_state, _, f_state = nnx.split(build(key), nnx.Param, nnx.RngState, ...)
             params = {"params": nnx.to_pure_dict(p_state)}
             if flat_fixed:
                 params["fixed"] = nnx.to_pure_dict(f_state)
-            x = example_input(input_shape, dtype)
-            return output_shape(lambda p, x: call(p, x, None, init_kw)[0], params, x), params
+            return output_shape(lambda p, x: call(p, x, None, kwargs)[0], params, x), params
 
         def apply(params, x, rng=None, **kwargs):
             out, wrote = call(params, x, rng, kwargs)
@@ -230,7 +232,7 @@ class NnxAdapter:
                     "use_running_average=True, or model.eval() in the factory).")
             return out
 
-        return Model(init, apply)
+        return Model(make_init(build_params, dtype=dtype, init_kwargs=init_kw), apply)
 
 
 def nnx_model(factory: Any, **options: Any) -> Model:

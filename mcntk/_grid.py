@@ -1,22 +1,27 @@
-"""The block plan of a kernel grid: which x1 x x2 blocks to compute and how to
-assemble them. Knows nothing of which kernel it computes, nor of devices.
+"""The block plan of a kernel grid: which x1 x x2 blocks to compute, how to cut the
+inputs into blocks and how to assemble the blocks. Knows nothing of which kernel
+it computes, nor of devices.
 
-Inputs are split along axis 0 of every input leaf (the batch axis); each output
-leaf's kernel has its batch axes first: ``(n1, n2, ...)``, or ``(n, ...)`` when
-output axis 0 is diagonal. Sizes that do not divide the batch are padded by
-repeating the last example, and the padding is cropped from the result.
+Every leaf of a side is cut along its own batch axis (see :mod:`mcntk._inputs`);
+sizes that do not divide the block size are padded by repeating the last example,
+and the padding is cropped from the result. In a kernel leaf, the examples sit on
+the axes that the output's batch axis contributes under the axes rule
+(:class:`Layout`): a pair ``(n1, n2)``, or one axis when that output axis is diagonal.
+Blocks of a grid are stacked along a new leading axis, so that blocks computed by
+the same program form one array.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcntk import _inputs
+from mcntk._axes import AxesRule
 from mcntk._types import PyTree
 
 
@@ -29,36 +34,49 @@ def check_batch_size(batch_size: Any) -> int:
     return int(batch_size)
 
 
-def batch_length(x: PyTree, name: str) -> int:
-    """The common size of axis 0 of the leaves of ``x``."""
-    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(x)}
-    if None in sizes or len(sizes) != 1:
-        raise ValueError(
-            f"`{name}` must have leaves with the same leading (batch) dimension to be split "
-            f"into batches; got leading sizes {sorted(s for s in sizes if s is not None)} "
-            f"(scalar leaves: {None in sizes})."
-        )
-    return sizes.pop()
+class Layout(NamedTuple):
+    """Where the examples are in one kernel leaf.
+
+    Attributes:
+      axis: the kernel axis of x1's examples; x2's follow at ``axis + 1`` unless
+        ``diagonal``.
+      diagonal: the batch axis is a diagonal axis (one axis of paired examples).
+      swap: the permutation of kernel axes that turns K(x1, x2) into K(x2, x1).
+    """
+
+    axis: int
+    diagonal: bool
+    swap: tuple[int, ...]
+
+
+def layout(rule: AxesRule, out_axis: int) -> Layout:
+    """The :class:`Layout` of a kernel whose output holds its examples on ``out_axis``."""
+    pos = sum(0 if i in rule.trace else 1 if i in rule.diagonal else 2
+              for i in range(out_axis))
+    return Layout(pos, out_axis in rule.diagonal, rule.swap_perm())
 
 
 class GridPlan:
     """Blocks ``(i, j)`` of a kernel over ``n1`` x ``n2`` examples.
 
     Args:
-      n1, n2: numbers of examples in x1 and x2 (``n2 = n1`` when x2 is None).
+      n1, n2: numbers of examples of the two sides.
       batch_size: block size; 0 means one block.
-      symmetric: x2 is None, so block ``(j, i)`` is the transpose of ``(i, j)``.
-      diagonal: output axis 0 is a diagonal axis: only blocks ``(i, i)`` exist.
+      symmetric: x2 is None: diagonal blocks ``(i, i)`` are computed from ``f(x1)``
+        alone.
+      mirror: block ``(j, i)`` is the transpose of ``(i, j)`` (symmetric and
+        deterministic): only blocks with ``i <= j`` are computed.
+      diagonal: the examples' axis is diagonal: only blocks ``(i, i)`` exist.
     """
 
-    def __init__(self, n1: int, n2: int, batch_size: int, symmetric: bool, diagonal: bool):
+    def __init__(self, n1: int, n2: int, batch_size: int, symmetric: bool, mirror: bool,
+                 diagonal: bool):
         if diagonal and n1 != n2:
             raise ValueError(
-                f"`diagonal_axes` contains the batch axis 0, so x1 and x2 need the same number "
-                f"of examples; got {n1} and {n2}."
-            )
+                f"`diagonal_axes` contains the axis that holds the examples, so x1 and x2 "
+                f"need the same number of examples; got {n1} and {n2}.")
         self.n1, self.n2 = n1, n2
-        self.symmetric, self.diagonal = symmetric, diagonal
+        self.symmetric, self.mirror, self.diagonal = symmetric, mirror and symmetric, diagonal
         self.b1 = n1 if batch_size == 0 else min(batch_size, n1)
         self.b2 = n2 if batch_size == 0 else min(batch_size, n2)
         if symmetric or diagonal:
@@ -70,51 +88,103 @@ class GridPlan:
     def single(self) -> bool:
         return self.k1 == 1 and self.k2 == 1
 
-    def blocks(self) -> Iterator[tuple[int, int]]:
+    def pairs(self) -> list[tuple[int, int]]:
         """Blocks to compute, row by row."""
-        for i in range(self.k1):
-            if self.diagonal:
-                yield i, i
-                continue
-            for j in range(i if self.symmetric else 0, self.k2):
-                yield i, j
+        if self.diagonal:
+            return [(i, i) for i in range(self.k1)]
+        return [(i, j) for i in range(self.k1)
+                for j in range(i if self.mirror else 0, self.k2)]
 
-    @staticmethod
-    def _pad(x: PyTree, total: int) -> PyTree:
-        def pad(a):
-            n = a.shape[0]
-            if n == total:
-                return a
-            idx = jnp.minimum(jnp.arange(total), n - 1)
-            return jnp.take(a, idx, axis=0)
-        return jax.tree.map(pad, x)
+    def groups(self) -> dict[bool, list[tuple[int, int]]]:
+        """The blocks by program: ``True`` for blocks computed from ``f(x1)`` alone
+        (diagonal blocks of a symmetric call), ``False`` for the others."""
+        out: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
+        for i, j in self.pairs():
+            out[self.symmetric and i == j].append((i, j))
+        return {k: v for k, v in out.items() if v}
 
-    def split(self, x: PyTree, first: bool) -> list[PyTree]:
-        """The blocks of x1 (``first``) or x2, padded to whole blocks."""
+    def split(self, side: _inputs.Side, first: bool) -> Blocks:
+        """Cuts every batched leaf of ``side`` into blocks stacked on a new axis 0."""
         b, k = (self.b1, self.k1) if first else (self.b2, self.k2)
-        padded = self._pad(x, b * k)
-        return [jax.tree.map(lambda a, i=i: a[i * b:(i + 1) * b], padded) for i in range(k)]
+        leaves, axes = side.leaves_and_axes()
+        if self.single:  # one block: the side as it is
+            return Blocks(side, leaves, [False] * len(leaves))
+        out = [leaf if a is None else _cut(leaf, a, b, k) for leaf, a in zip(leaves, axes)]
+        return Blocks(side, out, [a is not None for a in axes])
 
-    def assemble(self, blocks: dict[tuple[int, int], Any], swap_perm: list[tuple[int, ...]],
-                 on_device: bool) -> PyTree:
-        """One kernel pytree from the blocks (each a pytree of kernel leaves)."""
-        xp = jnp if on_device else np
-        if self.single:
-            return blocks[0, 0]
-        first = blocks[0, 0]
-        leaves_by_block = {ij: jax.tree.leaves(t) for ij, t in blocks.items()}
-        treedef = jax.tree.structure(first)
-        out = []
-        for leaf_i, perm in enumerate(swap_perm):
-            def get(i, j, leaf_i=leaf_i, perm=perm):
-                if (i, j) in leaves_by_block:
-                    return leaves_by_block[i, j][leaf_i]
-                return xp.transpose(leaves_by_block[j, i][leaf_i], perm)
-            if self.diagonal:
-                full = xp.concatenate([get(i, i) for i in range(self.k1)], axis=0)[: self.n1]
-            else:
-                rows = [xp.concatenate([get(i, j) for j in range(self.k2)], axis=1)
-                        for i in range(self.k1)]
-                full = xp.concatenate(rows, axis=0)[: self.n1, : self.n2]
-            out.append(full)
-        return jax.tree.unflatten(treedef, out)
+    def assemble(self, xp: Any, stacked: Any, where: Layout) -> Any:
+        """One kernel leaf from its blocks, ``stacked`` in :meth:`pairs` order."""
+        if self.diagonal:
+            grid = stacked  # (k, *block)
+            grid = xp.moveaxis(grid, 0, where.axis)
+            shape = list(grid.shape)
+            merged = shape[: where.axis] + [shape[where.axis] * shape[where.axis + 1]]
+            full = grid.reshape(merged + shape[where.axis + 2:])
+            return _crop(xp, full, {where.axis: self.n1})
+        index = np.zeros((self.k1, self.k2), np.int32)
+        lower = np.zeros((self.k1, self.k2), bool)
+        for p, (i, j) in enumerate(self.pairs()):
+            index[i, j] = p
+            if self.mirror and i != j:
+                index[j, i] = p
+                lower[j, i] = True
+        grid = stacked[index]  # (k1, k2, *block)
+        if lower.any():
+            swapped = xp.transpose(stacked, (0, *(1 + a for a in where.swap)))[index]
+            mask = lower.reshape(lower.shape + (1,) * (grid.ndim - 2))
+            grid = xp.where(mask, swapped, grid)
+        a = where.axis
+        # (k1, k2, ..., b1, b2, ...) -> (..., k1, b1, k2, b2, ...)
+        grid = xp.moveaxis(grid, (0, 1), (a, a + 2))
+        shape = list(grid.shape)
+        full = grid.reshape(shape[:a] + [shape[a] * shape[a + 1], shape[a + 2] * shape[a + 3]]
+                            + shape[a + 4:])
+        return _crop(xp, full, {a: self.n1, a + 1: self.n2})
+
+
+class Blocks(NamedTuple):
+    """A side cut into blocks: batched leaves have a leading block axis."""
+
+    side: _inputs.Side
+    leaves: list
+    batched: list[bool]
+
+    def block(self, i: Any) -> _inputs.Side:
+        """Block ``i`` (may be traced) as a side of its own."""
+        leaves = [jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) if b else v
+                  for v, b in zip(self.leaves, self.batched)]
+        return self.rebuild(leaves)
+
+    def first_leaves(self) -> list:
+        """The leaves of one block, abstract where they are cut."""
+        return [jax.ShapeDtypeStruct(jnp.shape(v)[1:], jnp.result_type(v)) if b
+                else v for v, b in zip(self.leaves, self.batched)]
+
+    def first(self) -> _inputs.Side:
+        """The shapes of one block (abstract)."""
+        return self.rebuild(self.first_leaves())
+
+    def rebuild(self, leaves: list) -> _inputs.Side:
+        nx = len(self.side.x_axes)
+        x = jax.tree.unflatten(jax.tree.structure(self.side.x), leaves[:nx])
+        return self.side._replace(x=x, dyn=list(leaves[nx:]))
+
+
+def _cut(leaf: Any, axis: int, b: int, k: int) -> Any:
+    n = jnp.shape(leaf)[axis]
+    if n != b * k:
+        idx = jnp.minimum(jnp.arange(b * k), n - 1)
+        leaf = jnp.take(leaf, idx, axis=axis)
+    shape = jnp.shape(leaf)
+    blocks = jnp.reshape(leaf, shape[:axis] + (k, b) + shape[axis + 1:])
+    return jnp.moveaxis(blocks, axis, 0)
+
+
+def _crop(xp: Any, full: Any, sizes: dict[int, int]) -> Any:
+    index = tuple(slice(0, sizes[i]) if i in sizes else slice(None) for i in range(full.ndim))
+    return full[index] if any(full.shape[i] != n for i, n in sizes.items()) else full
+
+
+def stack_blocks(blocks: list[PyTree]) -> PyTree:
+    """Blocks (pytrees of arrays) stacked leaf by leaf on a new axis 0."""
+    return jax.tree.map(lambda *v: jnp.stack(v), *blocks)

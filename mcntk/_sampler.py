@@ -1,6 +1,7 @@
-"""The sampler: the key schedule and a compiled loop over parameter samples.
+"""The sampler: the key schedule and the compiled program that adds samples to the
+moments of a set of blocks, spread over a placement's devices.
 
-Sample ``s`` (1-based) of a run started from ``key`` uses::
+Sample ``s`` (0-based) of a run started from ``key`` uses::
 
     key, split = jax.random.split(key)              # advanced once per sample
     init_key, dropout_key = jax.random.split(split)
@@ -8,31 +9,34 @@ Sample ``s`` (1-based) of a run started from ``key`` uses::
 
 and ``dropout_key`` is the ``rng`` of ``f(x1)`` (``f(x2)`` follows the rule of
 :mod:`mcntk._apply`). This is neural-tangents' schedule, so the same key gives the
-same estimate. The loop over samples is a ``lax.fori_loop`` with a traced trip
-count inside one ``jax.jit``: any number of samples reuses one compilation, and a
-run can stop and continue from the returned key. ``SAMPLES_PER_STEP > 1`` vmaps
-that many samples per loop step (more parallelism, more memory).
+same estimate. ``advance(moments, key, n, ...)`` adds samples ``0 .. n-1`` counted
+from ``key``, with ``n`` traced: one compilation serves any number of samples, and
+a run continues from the key it returns. Inside, each device loops over its
+samples (``s % ds`` is its sample column) and, per sample, over its blocks, so
+the parameters of a sample are drawn once for all of its blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from mcntk import _accumulate, _grid
 from mcntk._apply import second_key
+from mcntk._placement import BLOCKS, SAMPLES, Placement
 from mcntk._types import PyTree
 
-SAMPLES_PER_STEP = 1
+NO_FAILURE = jnp.iinfo(jnp.int32).max
 
-# (params, key1, key2, x1, x2, dyn_kwargs) -> pytree of one-sample kernels
-OneSample = Callable[[PyTree, Any, Any, PyTree, PyTree, Any], PyTree]
+# (params, key1, key2, block1, block2_or_None) -> dict of one-sample kernels
+OneSample = Callable[[PyTree, Any, Any, Any, Any], dict]
 
 
-def materialized_params(init: Callable, init_key: Any, dyn: Any, live: Any) -> PyTree:
-    """``init(init_key, dyn)`` (the params), computed behind a conditional.
+def materialized_params(init: Callable, init_key: Any, init_args: Any, live: Any) -> PyTree:
+    """``init(init_key, init_args)`` (the params), computed behind a conditional.
 
     ``live`` is a traced bool that is always true. Without the conditional, XLA may
     fuse the element-wise tail of parameter sampling (e.g. the inverse error
@@ -40,81 +44,181 @@ def materialized_params(init: Callable, init_key: Any, dyn: Any, live: Any) -> P
     recompute it for every Jacobian entry: 2-3x slower on CPU. A conditional's
     result is materialised once.
     """
-    draw = lambda: init(init_key, dyn)
+    draw = lambda: init(init_key, init_args)
     shapes = jax.eval_shape(draw)
     return jax.lax.cond(live, draw,
                         lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
-def make_runner(init: Callable, one_sample: OneSample) -> Runner:
-    """A jitted ``run(acc, key, n, x1, x2, same, dyn) -> (acc + sum of n samples, key)``.
+def split_chain(key: Any, n: Any) -> Any:
+    """``key`` advanced by ``n`` samples of the schedule."""
+    return jax.lax.fori_loop(0, n, lambda i, k: jax.random.split(k)[0], key)
 
-    ``x2`` may be None (then ``f(x1)`` serves both sides). ``same`` says whether the
-    x2 side uses the same dropout key as x1.
+
+class Failure(NamedTuple):
+    """The first non-finite sample a device met: sample index within the step, block
+    position and kernel leaf index (``NO_FAILURE`` in all three if none)."""
+
+    sample: Any
+    block: Any
+    leaf: Any
+
+
+class Program(NamedTuple):
+    """``advance(moments, key, n, inputs) -> (moments, failures)``, compiled once.
+
+    ``inputs`` is a :class:`ProgramInputs`; ``moments`` have leading axes
+    ``(ds, db * q)``, sharded over the placement's ``(samples, blocks)`` axes.
     """
-    per_step = SAMPLES_PER_STEP
 
-    def from_split(split, x1, x2, same, dyn, live):
-        init_key, dropout_key = jax.random.split(split)
-        params = materialized_params(init, init_key, dyn, live)
-        k2 = dropout_key if x2 is None else second_key(dropout_key, same)
-        return one_sample(params, dropout_key, k2, x1, x2, dyn)
-
-    def one(key, x1, x2, same, dyn, live):
-        key, split = jax.random.split(key)
-        return key, from_split(split, x1, x2, same, dyn, live)
-
-    def add(acc, k):
-        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, k)
-
-    def run(acc, key, n, x1, x2, same, dyn):
-        def single(i, carry):
-            acc, key = carry
-            key, k = one(key, x1, x2, same, dyn, i < n)
-            return add(acc, k), key
-
-        if per_step > 1:
-            def step(i, carry):
-                acc, key = carry
-
-                def split(k, _):
-                    k, s = jax.random.split(k)
-                    return k, s
-
-                key_out, splits = jax.lax.scan(split, key, length=per_step)
-
-                ks = jax.vmap(lambda s: from_split(s, x1, x2, same, dyn, i < n))(splits)
-                return add(acc, jax.tree.map(lambda v: v.sum(0), ks)), key_out
-
-            acc, key = jax.lax.fori_loop(0, n // per_step, step, (acc, key))
-            n = n % per_step
-        return jax.lax.fori_loop(0, n, single, (acc, key))
-
-    def kernel_shapes(key, x1, x2, same, dyn):
-        return jax.eval_shape(lambda *a: one(*a, True)[1], key, x1, x2, same, dyn)
-
-    return Runner(jax.jit(run), kernel_shapes)
+    advance: Callable
+    placement: Placement
+    kernel_shapes: PyTree
 
 
-def accumulator_dtype(dtype: Any) -> Any:
-    """Sums of many samples are kept in at least float32 (bfloat16 sums stall)."""
-    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+class ProgramInputs(NamedTuple):
+    """The arrays of one call of a program.
+
+    Attributes:
+      pairs: ``(db * q, 2)`` int32 block indices ``(i, j)``, laid out by block row.
+      valid: ``(db * q,)`` bool, False for padding.
+      same: ``(db * q,)`` bool: f(x2) gets x1's dropout key (equal blocks).
+      blocks1, blocks2: the stacked sides' leaves (``blocks2`` None: symmetric).
+      init_args: what ``init`` needs besides its key (x1's keyword arrays).
+    """
+
+    pairs: Any
+    valid: Any
+    same: Any
+    blocks1: list
+    blocks2: list | None
+    init_args: Any
 
 
-class Runner:
-    """``run(acc, key, n, x1, x2, same, dyn) -> (acc, key)``, plus the one-sample kernel
-    shapes (traced once per runner; a runner serves one signature of its arguments)."""
+def make_program(init: Callable, one_sample: OneSample, placement: Placement,
+                 blocks1: _grid.Blocks, blocks2: _grid.Blocks | None, per_row: int,
+                 init_args: Any, per_step: int = 1) -> Program:
+    """Builds the program for blocks shaped like ``blocks1`` x ``blocks2``.
 
-    def __init__(self, run: Callable, kernel_shapes: Callable):
-        self.run = run
-        self._kernel_shapes = kernel_shapes
-        self._shapes: PyTree = None
+    Args:
+      init: ``init(key, init_args) -> params``.
+      one_sample: the kernels of one sample for one block pair.
+      placement: the devices' ``(blocks, samples)`` mesh.
+      blocks1, blocks2: the stacked sides (``blocks2`` None: the block's own f(x1)
+        serves both sides).
+      per_row: blocks per block row (``q``).
+      per_step: samples drawn and computed together (vmapped) per loop step on each
+        device: more parallelism, ``per_step`` times the memory of one sample.
+      init_args: an example of ``init``'s second argument.
+    """
+    ds = placement.ds
+    symmetric = blocks2 is None
 
-    def shapes(self, key, x1, x2, same, dyn) -> PyTree:
-        if self._shapes is None:
-            self._shapes = self._kernel_shapes(key, x1, x2, same, dyn)
-        return self._shapes
+    def kernels(params, dropout_key, same, i, j, leaves1, leaves2):
+        b1 = blocks1._replace(leaves=leaves1).block(i)
+        if symmetric:
+            return one_sample(params, dropout_key, dropout_key, b1, None)
+        b2 = blocks2._replace(leaves=leaves2).block(j)
+        return one_sample(params, dropout_key, second_key(dropout_key, same), b1, b2)
 
-    def zeros(self, key, x1, x2, same, dyn) -> PyTree:
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, accumulator_dtype(s.dtype)),
-                            self.shapes(key, x1, x2, same, dyn))
+    def shapes():
+        params = jax.eval_shape(lambda k, a: init(k, a), jax.random.PRNGKey(0), init_args)
+        first2 = None if symmetric else blocks2.first_leaves()
+
+        def one(p, k, leaves1, leaves2):
+            b2 = None if symmetric else blocks2.rebuild(leaves2)
+            return one_sample(p, k, k, blocks1.rebuild(leaves1), b2)
+
+        return jax.eval_shape(one, params, jax.random.PRNGKey(0), blocks1.first_leaves(), first2)
+
+    kernel_shapes = shapes()
+
+    c = per_step
+
+    def draw(chain, r):
+        """The splits of this device's next ``c`` samples, and the chain after them."""
+        if ds == 1 and c == 1:
+            chain, split = jax.random.split(chain)
+            return chain, split[None]
+        chain, splits = jax.lax.scan(lambda k, _: tuple(jax.random.split(k)), chain, None,
+                                     length=ds * c)
+        return chain, splits[r + ds * jnp.arange(c)]
+
+    def sample_params(init_keys, init_args, live):
+        if c == 1:
+            return jax.tree.map(lambda v: v[None],
+                                materialized_params(init, init_keys[0], init_args, live[0]))
+        batch = lambda ks: jax.vmap(lambda k: init(k, init_args))(ks)
+        shapes = jax.eval_shape(batch, init_keys)
+        return jax.lax.cond(jnp.any(live), batch,
+                            lambda ks: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype),
+                                                    shapes), init_keys)
+
+    def device(moments, key, n, pairs, valid, same, leaves1, leaves2, init_args):
+        """One device: its ``q`` blocks; its samples ``r, r + ds, ...`` of ``0 .. n-1``,
+        ``c`` at a time."""
+        moments = jax.tree.map(lambda v: v[0], moments)
+        r = jax.lax.axis_index(SAMPLES)
+        local = jnp.maximum(n - r + ds - 1, 0) // ds
+
+        def step(u, carry):
+            chain, moments, failure = carry
+            chain, splits = draw(chain, r)
+            keys = jax.vmap(jax.random.split)(splits)
+            init_keys, dropout_keys = keys[:, 0], keys[:, 1]
+            index = u * c + jnp.arange(c)  # this device's sample numbers
+            live = index < local
+            params = sample_params(init_keys, init_args, live)
+            t = index * ds + r  # sample numbers within the step
+
+            def block(p, state):
+                def compute(state):
+                    moments, failure = state
+                    args = (same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2)
+                    if c == 1:
+                        ks = jax.tree.map(lambda v: v[None], kernels(
+                            jax.tree.map(lambda v: v[0], params), dropout_keys[0], *args))
+                    else:
+                        ks = jax.vmap(lambda pr, dk: kernels(pr, dk, *args))(params,
+                                                                            dropout_keys)
+                    mine = jax.tree.map(lambda v: v[p], moments)
+                    for s in range(c):  # in sample order, as a sequential run adds them
+                        k = jax.tree.map(lambda v, s=s: v[s], ks)
+                        finite = jnp.stack([jnp.all(jnp.isfinite(v))
+                                            for v in jax.tree.leaves(k)])
+                        ok = jnp.all(finite)
+                        mine = _accumulate.update(mine, k, ok & live[s])
+                        first = (~ok) & live[s] & (t[s] < failure.sample)
+                        failure = Failure(jnp.where(first, t[s], failure.sample),
+                                          jnp.where(first, p, failure.block),
+                                          jnp.where(first, jnp.argmin(finite), failure.leaf))
+                    moments = jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine)
+                    return moments, failure
+
+                return jax.lax.cond(valid[p], compute, lambda s: s, state)
+
+            moments, failure = jax.lax.fori_loop(0, per_row, block, (moments, failure))
+            return chain, moments, failure
+
+        none = jnp.asarray(NO_FAILURE, jnp.int32)
+        failure = Failure(none, none, none)
+        steps = (local + c - 1) // c
+        _, moments, failure = jax.lax.fori_loop(0, steps, step, (key, moments, failure))
+        moments = jax.tree.map(lambda v: v[None], moments)
+        failure = jax.tree.map(lambda v: jnp.reshape(v, (1, 1)), failure)
+        return moments, failure
+
+    rows = placement.sharding(SAMPLES, BLOCKS).spec
+    by_block = placement.sharding(BLOCKS).spec
+    rep = placement.replicated().spec
+    sharded = jax.shard_map(
+        device, mesh=placement.mesh,
+        in_specs=(rows, rep, rep, by_block, by_block, by_block, rep, rep, rep),
+        out_specs=(rows, rows), check_vma=False)
+
+    def advance(moments, key, n, inputs: ProgramInputs):
+        moments, failure = sharded(moments, key, n, inputs.pairs, inputs.valid, inputs.same,
+                                   inputs.blocks1, inputs.blocks2, inputs.init_args)
+        return moments, failure, split_chain(key, n)
+
+    return Program(jax.jit(advance), placement, kernel_shapes)

@@ -30,13 +30,17 @@ class NtkImplementation(enum.IntEnum):
 
     Attributes:
       AUTO: pick, per input shape, whichever of the implementations below the
-        compiler's cost model says needs fewer FLOPs. The choice is cached.
+        compiler's cost model rates cheapest (FLOPs and memory traffic, see
+        :mod:`mcntk.ntk.auto`). The choice is cached.
       JACOBIAN_CONTRACTION: build both Jacobians with reverse mode and contract
         them. Fast for small outputs; memory grows with outputs x parameters.
       NTK_VECTOR_PRODUCTS: never build a Jacobian; compute ``J(x1) (J(x2)^T v)``
         for every basis vector ``v`` of the x2 outputs with JVPs of VJPs.
-      STRUCTURED_DERIVATIVES: exploit the structure of each layer's derivative.
-        Not available yet.
+      STRUCTURED_DERIVATIVES: exploit the structure of each layer's derivative:
+        the NTK term of a dense layer's weights is the product of the Gram of its
+        inputs and the Gram of the cotangents at its outputs, and likewise for
+        convolutions, biases and scales; no Jacobian is formed. Parameters used in
+        other ways fall back to their own Jacobian (:mod:`mcntk.ntk.structured_derivatives`).
     """
 
     AUTO = 0
@@ -93,12 +97,20 @@ def canonicalize_get(get: Any) -> tuple[tuple[str, ...], bool]:
 
 
 def pack_result(values: dict[str, Any], names: tuple[str, ...], single: bool, typename: str,
-                asked_none: bool = False) -> Any:
-    """Packs computed kernels the way ``get`` asked for them."""
+                treedef: Any, asked_none: bool = False) -> Any:
+    """Packs computed kernels the way ``get`` asked for them.
+
+    ``values[name]`` has the structure ``treedef`` of the model's output (one kernel
+    per output leaf). A single name gives that pytree of kernels; a tuple of names
+    (or None) gives, as neural-tangents does, the output's structure holding one
+    namedtuple per output leaf: ``result[0].ntk`` for a tuple output. For an array
+    output, that is just the namedtuple.
+    """
     if single:
         return values[names[0]]
     cls = EmpiricalKernel if asked_none else result_type(typename, names)
-    return cls(*(values[n] for n in names))
+    per_name = [treedef.flatten_up_to(values[n]) for n in names]
+    return treedef.unflatten([cls(*leaves) for leaves in zip(*per_name)])
 
 
 def unpack_implementation(implementation: Any) -> NtkImplementation:

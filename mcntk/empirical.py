@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import jax
+
 from mcntk import _apply, _axes, ntk
 from mcntk._types import (
     NtkImplementation,
@@ -71,6 +73,11 @@ class KernelSpec:
             fx1 = side1.fn(params)
             fx2 = fx1 if side2 is None else side2.fn(params)
         if "nngp" in names:
+            if side1.per_example is not None and "rng" in kw1:
+                # random streams are drawn per call: the NNGP sees the whole batch's draws,
+                # as neural-tangents' does, whatever the NTK's per-example calls saw
+                fx1 = side1.fn(params)
+                fx2 = fx1 if side2 is None else side2.fn(params)
             out["nngp"] = ntk.nngp(self.axes, fx1, fx2, options)
         return out
 
@@ -132,7 +139,9 @@ def empirical_kernel_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any
         if params is None:
             raise TypeError("`params` must be given to an empirical kernel function.")
         values = spec(names, params, x1, x2, apply_fn_kwargs)
-        return pack_result(values, names, single, "EmpiricalKernel", asked_none=get is None)
+        treedef = jax.tree.structure(values[names[0]])
+        return pack_result(values, names, single, "EmpiricalKernel", treedef,
+                           asked_none=get is None)
 
     return kernel_fn
 

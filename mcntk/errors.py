@@ -6,10 +6,12 @@ from __future__ import annotations
 class NotYetImplementedError(NotImplementedError):
     """The requested feature is planned but has not landed yet.
 
-    ``NtkImplementation.STRUCTURED_DERIVATIVES`` raises this until the structured
-    derivatives implementation lands. Use ``NtkImplementation.AUTO`` (the default),
-    ``JACOBIAN_CONTRACTION`` or ``NTK_VECTOR_PRODUCTS`` meanwhile: they give the
-    same kernels.
+    The message names the feature and what to use meanwhile. Every
+    ``NtkImplementation`` is available (``STRUCTURED_DERIVATIVES`` landed with
+    issue 8), so kernel functions no longer raise this for ``implementation``; an
+    implementation that is declared but not registered in
+    ``mcntk.ntk.IMPLEMENTATIONS`` would. All implementations compute the same
+    kernels, so ``NtkImplementation.AUTO`` (the default) is always a substitute.
     """
 
 
@@ -53,6 +55,18 @@ class StateMutationError(ValueError):
 
     To opt in, pass ``mutable=...`` to ``as_model`` (for Flax linen a collection
     name or list of names, e.g. ``mutable=['batch_stats']``, or ``True``; for Haiku
-    and NNX ``mutable=True``). Otherwise run the model in inference mode (e.g.
-    ``train=False``, ``use_running_average=True``, ``is_training=False``).
+    and NNX ``mutable=True``), call the model in training mode and keep
+    ``vmap_axes=None``. Otherwise run the model in inference mode (e.g.
+    ``train=False``, ``use_running_average=True``), with the running statistics that
+    ``init`` gives: Flax linen and NNX BatchNorm start at mean 0 and variance 1.
+
+    Not so ``hk.BatchNorm``: Haiku creates its moving averages (only in training
+    mode, so pass ``init_kwargs={'is_training': True}``) from the batch ``init`` sees,
+    and the example input of ``init`` is zeros, identical examples with variance 0.
+    In inference mode (``is_training=False``) right after ``init`` each feature is
+    then divided by ``sqrt(eps)`` and kernels come out ~1/eps (~1e5) times too large.
+    For Haiku, use training mode (``mutable=True``, ``is_training=True``,
+    ``vmap_axes=None``), or an ``init`` of your own that sets each ``var_ema`` state's
+    ``average`` to ones (and ``mean_ema``'s to zeros) after the adapter's ``init``;
+    see docs/adapters.md.
     """

@@ -3,15 +3,15 @@ random initialisations, with neural-tangents' arguments and numbers."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcntk import _apply, _grid, _sampler, ntk
-from mcntk._axes import AxesRule
+from mcntk import _accumulate, _apply, _grid, _inputs, _placement, _sampler, ntk
 from mcntk._types import NtkImplementation, PyTree, canonicalize_get, pack_result
 from mcntk.empirical import KernelSpec
 from mcntk.ntk import auto
@@ -49,19 +49,6 @@ def _is_integer_scalar(n: Any) -> bool:
             and jnp.issubdtype(n.dtype, jnp.integer))
 
 
-def check_inputs(x: Any, name: str) -> PyTree:
-    """``x`` as a pytree of JAX arrays; Python scalars or None leaves are rejected."""
-    if x is None:
-        raise TypeError(f"`{name}` must be an array or a pytree of arrays, got None.")
-    leaves = jax.tree.leaves(x)
-    bad = [v for v in leaves if not hasattr(v, "shape") or not hasattr(v, "dtype")]
-    if not leaves or bad:
-        raise TypeError(f"`{name}` must be an array or a pytree of arrays, got "
-                        f"{type(x).__name__} with leaves {bad[:3] if bad else leaves!r}; "
-                        f"wrap a list of numbers in jnp.asarray.")
-    return jax.tree.map(jnp.asarray, x)
-
-
 def check_key(key: Any) -> Any:
     """A legacy ``uint32[2]`` key or a typed key array of shape ()."""
     if key is None:
@@ -77,16 +64,6 @@ def check_key(key: Any) -> Any:
         raise ValueError(f"`key` must be a PRNG key (uint32[2] from jax.random.PRNGKey or a "
                          f"typed key from jax.random.key), got {arr.dtype}{list(arr.shape)}.")
     return arr
-
-
-def check_device_count(device_count: Any) -> int:
-    if isinstance(device_count, bool) or not isinstance(device_count, (int, np.integer)):
-        raise TypeError(f"`device_count` must be an int (-1: all devices, 0: none), "
-                        f"got {device_count!r}.")
-    if device_count < -1:
-        raise ValueError(f"`device_count` must be -1 (all devices), 0 or positive, "
-                         f"got {device_count}.")
-    return int(device_count)
 
 
 def _resolve_model(init_fn, apply_fn, key, n_samples):
@@ -126,6 +103,9 @@ def monte_carlo_kernel_fn(
     diagonal_axes: int | tuple[int, ...] = (),
     vmap_axes: Any = None,
     implementation: NtkImplementation | int = NtkImplementation.AUTO,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    sample_axes: str | tuple[str, ...] | None = None,
 ) -> Callable:
     """Returns ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``: Monte Carlo
     estimates of the NNGP and NTK, averaged over ``n_samples`` initialisations.
@@ -142,13 +122,20 @@ def monte_carlo_kernel_fn(
       batch_size: compute the kernel in blocks of ``batch_size`` x1 and x2 examples
         (0: one block). Any size works; for deterministic models whose examples
         are independent the result does not depend on it (docs/axes.md).
-      device_count: accepted with neural-tangents' meaning (-1: all devices, 0: run
-        sequentially); computation currently runs on the default device.
+      device_count: the devices that compute the estimate: -1 all devices, 0 one
+        device, ``k`` the first ``k`` devices of ``jax.devices()``. Blocks of the grid
+        and samples are spread over them (docs/sharding.md); the estimate does not
+        depend on it (up to the order of floating-point sums).
       store_on_device: ``False`` returns NumPy arrays and moves each finished block
         to host memory.
       trace_axes, diagonal_axes: the axes rule, see docs/axes.md.
       vmap_axes: batch axes of the model, see docs/axes.md.
       implementation: an :class:`NtkImplementation`; AUTO picks by cost per shape.
+      mesh: a ``jax.sharding.Mesh`` whose devices compute the estimate (instead of
+        ``device_count``); any axis names and shape.
+      sample_axes: names of ``mesh`` axes over which samples are split (blocks go
+        over the other axes). Default: blocks over as many devices as there are
+        blocks, samples over the rest (docs/sharding.md).
 
     Returns:
       ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``. ``get`` is None (an
@@ -169,21 +156,20 @@ def monte_carlo_kernel_fn(
     key = check_key(key)
     counts, as_generator = canonicalize_n_samples(n_samples)
     batch_size = _grid.check_batch_size(batch_size)
-    check_device_count(device_count)
+    devices = _placement.select(device_count, mesh, sample_axes)
     if not isinstance(store_on_device, (bool, np.bool_)):
         raise TypeError(f"`store_on_device` must be a bool, got {store_on_device!r}.")
     spec = KernelSpec(apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation)
-    estimator = _Estimator(init_fn, spec, key, batch_size, bool(store_on_device))
+    estimator = _Estimator(init_fn, spec, key, batch_size, bool(store_on_device), devices)
 
     def kernel_fn(x1: PyTree, x2: PyTree | None = None, get: Any = None, **apply_fn_kwargs):
         names, single = canonicalize_get(get)
-        if "rng" in apply_fn_kwargs:
-            raise ValueError("`rng` is supplied per sample from `key` by the Monte Carlo "
-                             "estimator; do not pass it to kernel_fn.")
         estimates = estimator.estimates(x1, x2, names, counts, apply_fn_kwargs)
 
-        def pack(values):
-            return pack_result(values, names, single, "MonteCarloKernel", asked_none=get is None)
+        def pack(result):
+            values, treedef = result
+            return pack_result(values, names, single, "MonteCarloKernel", treedef,
+                               asked_none=get is None)
 
         if as_generator:
             return (pack(v) for v in estimates)
@@ -193,121 +179,282 @@ def monte_carlo_kernel_fn(
     return kernel_fn
 
 
-def _hashable(key: Any) -> Any:
-    """``key`` if it can key a cache (static keyword values may not be hashable), else None."""
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
 class _Estimator:
-    """Runs the sampler over the blocks of the grid and accumulates the sums."""
+    """Wires the stages: inputs -> grid plan -> placement -> programs -> moments."""
 
-    def __init__(self, init_fn, spec: KernelSpec, key, batch_size: int, on_device: bool):
+    samples_per_step = 1  # samples vmapped per loop step on a device
+
+    def __init__(self, init_fn, spec: KernelSpec, key, batch_size: int, on_device: bool,
+                 devices: _placement.Devices):
         self.init_fn, self.spec, self.key = init_fn, spec, key
-        self.batch_size, self.on_device = batch_size, on_device
+        self.batch_size, self.on_device, self.devices = batch_size, on_device, devices
         self.rng = _apply.accepts_rng(spec.apply_fn)
-        self._runners: dict[Any, _sampler.Runner] = {}
+        self.options = ntk.Options(platform=devices.platform)
+        self._programs: dict[Any, _sampler.Program] = {}
 
-    def _one_sample(self, names, impl, rebuild, options=None):
-        def one_sample(params, k1, k2, x1, x2, dyn):
-            kw1, kw2 = rebuild(dyn)
+    # --- shapes and the plan -------------------------------------------------------
+
+    def _init(self, side1: _inputs.Side) -> Callable:
+        """``init(key, dyn1) -> params`` for inputs like x1 (with x1's keyword arrays)."""
+        def init(key, dyn):
+            return _apply.call_init(self.init_fn, key, side1.x, side1.rebuild(dyn))
+        return init
+
+    def _apply_for_shapes(self, params, x, **kwargs):
+        if self.rng:
+            kwargs = {**kwargs, "rng": self.key}
+        return self.spec.apply_fn(params, x, **kwargs)
+
+    def _plan(self, call: _inputs.Call, params_struct) -> tuple[_grid.GridPlan, list, Any]:
+        """The grid plan, the layout of each output leaf's kernel and the output treedef."""
+        side1 = call.side1
+        out, out2 = _inputs.output_shapes(self._apply_for_shapes, params_struct, side1,
+                                          call.side2)
+        leaves, treedef = jax.tree.flatten(out)
+        rules = self.spec.axes.rules(out, out2)
+        vmap = self.spec.vmap_axes
+        batch_axes = _inputs.output_batch_axes(self._apply_for_shapes, params_struct, side1,
+                                               None if vmap is None else vmap.out_axes)
+        if batch_axes is not None:
+            _warn_traced_batch_axis(rules, batch_axes, self.spec.axes.trace)
+        n1 = side1.size
+        n2 = n1 if call.symmetric else call.side2.size
+        if self.batch_size == 0 or n1 is None or self.batch_size >= max(n1, n2 or 0):
+            plan = _grid.GridPlan(n1 or 1, n2 or 1, 0, call.symmetric, not self.rng, False)
+            return plan, [None] * len(leaves), treedef
+        self._check_splittable(call, [o.shape for o in leaves], rules, batch_axes)
+        layouts = [_grid.layout(r, a) for r, a in zip(rules, batch_axes)]
+        diagonal = {w.diagonal for w in layouts}
+        if len(diagonal) != 1:
+            raise ValueError(
+                f"`batch_size`={self.batch_size} needs the axis holding the examples to be "
+                f"diagonal in every output leaf or in none; `diagonal_axes`="
+                f"{self.spec.axes.diagonal} makes it diagonal in some output leaves only "
+                f"(output shapes {[o.shape for o in leaves]}).")
+        # with an rng, blocks (i, j) and (j, i) see different dropout keys: no mirroring
+        plan = _grid.GridPlan(n1, n2, self.batch_size, call.symmetric, not self.rng,
+                              diagonal.pop())
+        return plan, layouts, treedef
+
+    def _check_splittable(self, call, shapes, rules, batch_axes) -> None:
+        b = self.batch_size
+        if batch_axes is None or None in batch_axes:
+            raise ValueError(
+                f"`batch_size`={b} cuts the examples into blocks, so it needs to know which "
+                f"output axis holds the examples, and could not tell for output shapes "
+                f"{shapes} (the output does not change with the number of examples in the way "
+                f"expected). Declare it with `vmap_axes`=(in_axes, out_axes, kwargs_axes), "
+                f"or use `batch_size`=0.")
+        for rule, a in zip(rules, batch_axes):
+            if a in rule.trace:
+                raise ValueError(
+                    f"`trace_axes`={self.spec.axes.trace} traces output axis {a}, the axis "
+                    f"that holds the examples (output shapes {shapes}), so the kernel has no "
+                    f"example axes to cut into `batch_size`={b} blocks. To get one entry per "
+                    f"pair of examples, pass `trace_axes`=().")
+        for side, name in ((call.side1, "x1"), (call.side2, "x2")):
+            if side is None:
+                continue
+            for kw, a, v in zip(side.names, side.dyn_axes, side.dyn):
+                if a == _inputs.UNKNOWN:
+                    raise ValueError(
+                        f"keyword argument `{kw}` (an array of shape {jnp.shape(v)}) has no "
+                        f"known batch axis, so `batch_size`={b} cannot give each block its "
+                        f"rows. Pass it as a 2-tuple ({kw}_for_x1, {kw}_for_x2) (rows on axis "
+                        f"0), declare its axis in `vmap_axes`=(in_axes, out_axes, {{'{kw}': "
+                        f"axis}}), or, if it is the same for every example, bind it into "
+                        f"apply_fn (functools.partial).")
+                if a is not None and jnp.shape(v)[a] != side.size:
+                    raise ValueError(
+                        f"keyword argument `{kw}` has {jnp.shape(v)[a]} rows on its batch axis "
+                        f"{a} (shape {jnp.shape(v)}), but `{name}` has {side.size} examples; "
+                        f"`batch_size`={b} needs one row per example.")
+
+    # --- programs ----------------------------------------------------------------
+
+    def _one_sample(self, names, impl, options):
+        def one_sample(params, k1, k2, b1: _inputs.Side, b2: _inputs.Side | None):
+            kw1 = b1.rebuild(b1.dyn)
+            kw2 = kw1 if b2 is None else b2.rebuild(b2.dyn)
             if self.rng:
                 kw1, kw2 = {**kw1, "rng": k1}, {**kw2, "rng": k2}
-            return self.spec.kernels(names, params, x1, x2, kw1, kw2, impl,
-                                     options or ntk.DEFAULT_OPTIONS)
+            return self.spec.kernels(names, params, b1.x, None if b2 is None else b2.x,
+                                     kw1, kw2, impl, options)
         return one_sample
 
-    def _runner(self, names, x1b, x2b, dyn, rebuild, static, x1, params_struct):
-        cache_key = _hashable((names, auto.signature(x1b, x2b, dyn), x2b is None,
-                               auto.signature(x1), static))
-        if cache_key is not None and cache_key in self._runners:
-            return self._runners[cache_key]
+    def _program(self, names, call, blocks1, blocks2, count, params_struct):
+        placement = _placement.place(self.devices, count)
+        per_row = max(1, -(-count // placement.db))
+        if not self.on_device:
+            per_row = 1  # one block per device at a time; the rest waits on the host
+        sig = auto.signature(blocks1.first_leaves(),
+                             None if blocks2 is None else blocks2.first_leaves())
+        cache_key = (names, sig, blocks2 is None, call.static, per_row, self.samples_per_step,
+                     tuple(d.id for d in placement.mesh.devices.flat), placement.mesh.devices.shape,
+                     auto.signature(call.side1.x, call.side1.dyn))
+        cache_key = cache_key if call.static is not None else None
+        if cache_key is not None and cache_key in self._programs:
+            return self._programs[cache_key]
 
         def make_fn(impl, options):
-            fn = self._one_sample(names, impl, rebuild, options)
-            return lambda p, k, a, b, d: fn(p, k, k, a, b, d)
+            fn = self._one_sample(names, impl, options)
 
-        impl = self.spec.resolve(names, make_fn, (params_struct, self.key, x1b, x2b, dyn),
-                                 cache_key)
-        def init(key, d):
-            return _apply.call_init(self.init_fn, key, x1, rebuild(d)[0])
+            def one(p, k, leaves1, leaves2):
+                b2 = None if blocks2 is None else blocks2.rebuild(leaves2)
+                return fn(p, k, k, blocks1.rebuild(leaves1), b2)
+            return one
 
-        runner = _sampler.make_runner(init, self._one_sample(names, impl, rebuild))
+        first2 = None if blocks2 is None else blocks2.first_leaves()
+        impl = self.spec.resolve(names, make_fn, (params_struct, self.key,
+                                                  blocks1.first_leaves(), first2),
+                                 cache_key and cache_key[:4])
+        program = _sampler.make_program(self._init(call.side1),
+                                        self._one_sample(names, impl, self.options),
+                                        placement, blocks1, blocks2, per_row,
+                                        call.side1.dyn, self.samples_per_step)
         if cache_key is not None:
-            self._runners[cache_key] = runner
-        return runner
+            self._programs[cache_key] = program
+        return program
 
-    def _plan(self, x1, x2, kw1, params_struct):
-        """The grid plan and, per output leaf, the permutation transposing a block."""
-        kw = {**kw1, "rng": self.key} if self.rng else kw1
-        out = jax.eval_shape(lambda p, x: self.spec.apply_fn(p, x, **kw), params_struct, x1)
-        rules = [AxesRule(self.spec.axes.trace, self.spec.axes.diagonal, len(o.shape))
-                 for o in jax.tree.leaves(out)]
-        perms = [r.swap_perm() for r in rules]
-        n1 = _grid.batch_length(x1, "x1") if self.batch_size else 1
-        n2 = n1 if x2 is None or not self.batch_size else _grid.batch_length(x2, "x2")
-        if self.batch_size == 0 or self.batch_size >= max(n1, n2):
-            return _grid.GridPlan(1, 1, 0, x2 is None, False), perms
-        diag = {0 in r.diagonal for r in rules}
-        wrong = [o.shape for o in jax.tree.leaves(out) if not o.shape or o.shape[0] != n1]
-        if len(diag) != 1 or wrong:
-            raise ValueError(
-                f"`batch_size`={self.batch_size} splits inputs along axis 0 and needs every "
-                f"output leaf to have its {n1} examples on axis 0, each either paired or diagonal "
-                f"(`diagonal_axes`={self.spec.axes.diagonal}); got output shapes "
-                f"{[o.shape for o in jax.tree.leaves(out)]}. Use `batch_size`=0.")
-        if any(0 in r.trace for r in rules):
-            raise ValueError(f"`trace_axes`={self.spec.axes.trace} traces the batch axis 0, "
-                             f"which cannot be split into batches; use `batch_size`=0.")
-        # with an rng, blocks (i, j) and (j, i) see different dropout keys: no symmetry
-        plan = _grid.GridPlan(n1, n2, self.batch_size, x2 is None and not self.rng, diag.pop())
-        return plan, perms
+    # --- the run -------------------------------------------------------------------
 
-    def estimates(self, x1, x2, names, counts, kwargs) -> Iterator[dict[str, PyTree]]:
-        x1 = check_inputs(x1, "x1")
-        x2 = None if x2 is None else check_inputs(x2, "x2")
-        if self.batch_size:  # before init_fn sees the shapes
-            _grid.batch_length(x1, "x1")
-            if x2 is not None:
-                _grid.batch_length(x2, "x2")
-        x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
-        dyn, rebuild, static = _apply.partition_static((kw1, kw2))
-        params_struct = jax.eval_shape(
-            lambda k, d: _apply.call_init(self.init_fn, k, x1, rebuild(d)[0]), self.key, dyn)
-        plan, perms = self._plan(x1, x2, kw1, params_struct)
-        if plan.single:
-            x1s, x2s = [x1], [x2]
-        else:
-            x1s = plan.split(x1, True)
-            x2s = x1s if x2 is None else plan.split(x2, False)
-        jobs = []
-        for i, j in plan.blocks():
-            x2b = None if (x2 is None and i == j) else x2s[j]
-            # neural-tangents' rule per block: x2's dropout key is x1's when the blocks are equal
-            same = jnp.asarray(_apply.same_inputs(x1s[i], x2b) if self.rng else True)
-            runner = self._runner(names, x1s[i], x2b, dyn, rebuild, static, x1, params_struct)
-            jobs.append(((i, j), runner, x1s[i], x2b, same))
-        return self._loop(jobs, plan, perms, counts, dyn)
+    def estimates(self, x1, x2, names, counts, kwargs) -> Iterator[tuple[dict, Any]]:
+        call = _inputs.prepare(x1, x2, kwargs, self.spec.vmap_axes)
+        if self.batch_size:
+            _inputs.check_batchable(call.side1, "x1")
+            if call.side2 is not None:
+                _inputs.check_batchable(call.side2, "x2")
+        params_struct = jax.eval_shape(self._init(call.side1), self.key, call.side1.dyn)
+        plan, layouts, treedef = self._plan(call, params_struct)
+        blocks1 = plan.split(call.side1, True)
+        blocks2 = blocks1 if call.symmetric else plan.split(call.side2, False)
+        waves = []
+        for symmetric, pairs in plan.groups().items():
+            b2 = None if symmetric else blocks2
+            program = self._program(names, call, blocks1, b2, len(pairs), params_struct)
+            waves.extend(self._waves(program, plan, pairs, blocks1, b2, call))
+        return self._loop(plan, waves, layouts, treedef, counts)
 
-    def _loop(self, jobs, plan, perms, counts, dyn):
-        accs = {}
+    def _waves(self, program, plan, pairs, blocks1, blocks2, call):
+        """The calls of ``program`` that cover ``pairs``: one, or one per ``db`` blocks
+        when finished blocks go to the host."""
+        placement = program.placement
+        size = len(pairs) if self.on_device else placement.db
+        out = []
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start:start + size]
+            order, valid = placement.layout(len(chunk))
+            chosen = [chunk[o] for o in order]
+            same = [self._same(blocks1, blocks2, i, j) for i, j in chosen]
+            inputs = _sampler.ProgramInputs(
+                np.asarray(chosen, np.int32), valid, np.asarray(same, bool), blocks1.leaves,
+                None if blocks2 is None else blocks2.leaves, call.side1.dyn)
+            rep = placement.replicated()
+            inputs = inputs._replace(
+                pairs=_placement.put(inputs.pairs, placement.sharding(_placement.BLOCKS)),
+                valid=_placement.put(inputs.valid, placement.sharding(_placement.BLOCKS)),
+                same=_placement.put(inputs.same, placement.sharding(_placement.BLOCKS)),
+                blocks1=_placement.put(inputs.blocks1, rep),
+                blocks2=None if blocks2 is None else _placement.put(inputs.blocks2, rep),
+                init_args=_placement.put(inputs.init_args, rep))
+            slots = [None] * len(order)
+            for pos, (o, v) in enumerate(zip(order, valid)):
+                if v:
+                    slots[pos] = pairs.index(chunk[o])  # position in the group
+            out.append(_Wave(program, inputs, [chunk[o] if v else None
+                                               for o, v in zip(order, valid)]))
+        return out
+
+    def _same(self, blocks1, blocks2, i, j) -> bool:
+        """neural-tangents' rule per block: f(x2) gets x1's dropout key for equal blocks."""
+        if not self.rng or blocks2 is None:
+            return True
+        nx = len(blocks1.side.x_axes)
+        get = lambda b, k: [v[k] if s else v for v, s in
+                            zip(b.leaves[:nx], b.batched[:nx])]
+        return _inputs.numpy_equal(get(blocks1, i), get(blocks2, j))
+
+    def _loop(self, plan, waves, layouts, treedef, counts):
+        states = [None] * len(waves)
         key, done = self.key, 0
         for target in counts:
             n = jnp.asarray(target - done, jnp.int32)
             next_key = key
-            for ij, runner, a, b, same in jobs:
-                acc = accs.get(ij)
-                if acc is None:
-                    acc = runner.zeros(key, a, b, same, dyn)
-                acc, next_key = runner.run(acc, key, n, a, b, same, dyn)
-                accs[ij] = acc if self.on_device else jax.device_get(acc)
+            for w, wave in enumerate(waves):
+                moments = states[w]
+                if moments is None:
+                    moments = wave.zeros()
+                elif not self.on_device:
+                    moments = _placement.put(moments, wave.moments_sharding())
+                rep = wave.program.placement.replicated()
+                moments, failure, next_key = wave.program.advance(
+                    moments, _placement.put(key, rep), _placement.put(n, rep), wave.inputs)
+                _check_failure(failure, done, wave)
+                states[w] = moments if self.on_device else jax.device_get(moments)
             key, done = next_key, target
-            full = {name: plan.assemble({ij: v[name] for ij, v in accs.items()}, perms,
-                                        self.on_device)
-                    for name in next(iter(accs.values()))}
-            # the mean, in the kernels' own dtype (sums are kept in at least float32)
-            dtypes = jobs[0][1].shapes(key, jobs[0][2], jobs[0][3], jobs[0][4], dyn)
-            yield jax.tree.map(lambda v, d, t=target: (v / t).astype(d.dtype), full, dtypes)
+            yield self._finalize(plan, waves, states, layouts, treedef)
+
+    def _finalize(self, plan, waves, states, layouts, treedef):
+        xp = jnp if self.on_device else np
+        by_pair: dict[tuple[int, int], dict] = {}
+        for wave, moments in zip(waves, states):
+            merged = _accumulate.merge_axis(moments, 0)
+            means = _accumulate.mean(merged, wave.program.kernel_shapes)
+            if not self.on_device:
+                means = jax.device_get(means)
+            for pos, pair in enumerate(wave.pairs):
+                if pair is not None:
+                    by_pair[pair] = jax.tree.map(lambda v, pos=pos: v[pos], means)
+        order = plan.pairs()
+        out = {}
+        for name in by_pair[order[0]]:
+            per_leaf = [jax.tree.leaves(by_pair[pair][name]) for pair in order]
+            leaves = []
+            for i, where in enumerate(layouts):
+                stacked = xp.stack([blocks[i] for blocks in per_leaf])
+                full = stacked[0] if where is None else plan.assemble(xp, stacked, where)
+                if self.on_device:
+                    full = _placement.put(full, _placement.output_sharding(self.devices,
+                                                                           full.shape))
+                leaves.append(full)
+            out[name] = jax.tree.unflatten(treedef, leaves)
+        return out, treedef
+
+
+class _Wave(NamedTuple):
+    """One call of a program: its inputs and the block of each stacked position."""
+
+    program: _sampler.Program
+    inputs: _sampler.ProgramInputs
+    pairs: list  # (i, j) per stacked position, None for padding
+
+    def moments_sharding(self):
+        p = self.program.placement
+        return p.sharding(_placement.SAMPLES, _placement.BLOCKS)
+
+    def zeros(self):
+        p = self.program.placement
+        moments = _accumulate.init(self.program.kernel_shapes, False, (p.ds, len(self.pairs)))
+        return _placement.put(moments, self.moments_sharding())
+
+
+def _check_failure(failure, done, wave) -> None:
+    sample = np.asarray(failure.sample)
+    if (sample == _sampler.NO_FAILURE).all():
+        return
+    where = np.unravel_index(np.argmin(sample), sample.shape)
+    block = wave.pairs[int(np.asarray(failure.block)[where])]
+    raise FloatingPointError(
+        f"sample {done + int(sample[where])} (0-based) gave a non-finite kernel (NaN or Inf) "
+        f"in block {block} of the grid; it was not added to the estimate.")
+
+
+def _warn_traced_batch_axis(rules, batch_axes, trace_axes) -> None:
+    traced = [a for r, a in zip(rules, batch_axes) if a is not None and a in r.trace]
+    if traced:
+        warnings.warn(
+            f"`trace_axes`={trace_axes} traces output axis {traced[0]}, which holds the "
+            f"examples: the kernel is averaged over all pairs of examples instead of having one "
+            f"entry per pair. This is neural-tangents' meaning; for a per-example kernel of a "
+            f"model with one output per example, pass `trace_axes`=().", UserWarning,
+            stacklevel=4)

@@ -68,18 +68,42 @@ def test_complex_params_are_rejected():
         mcntk.empirical_ntk_fn(apply_fn)(jnp.ones((2, 3)), None, params)
 
 
-def test_batch_size_needs_batch_on_output_axis_0():
+@pytest.mark.parametrize("x2", [None, "other"])
+def test_batch_size_with_examples_on_output_axis_1(x2):
+    """The examples' output axis is found (not guessed from sizes): an output (4, N) is
+    cut along axis 1, and its kernel assembled along the kernel's example axes."""
     def init_fn(key, shape):
         return None, {"w": jax.random.normal(key, (3, 4))}
 
     def apply_fn(params, x):
         return jnp.tanh(x @ params["w"]).T  # (4, N): examples on axis 1
 
-    kf = lambda b: mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1,
+    kf = lambda b: mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 2,
                                                batch_size=b, trace_axes=())
-    assert kf(0)(_x(1, (6, 3)), None, "ntk").shape == (4, 4, 6, 6)
-    with pytest.raises(ValueError, match=r"`batch_size`=2 splits inputs along axis 0 .*\(4, 6\)"):
-        kf(2)(_x(1, (6, 3)), None, "ntk")
+    x1 = _x(1, (5, 3))
+    x2 = None if x2 is None else _x(2, (4, 3))
+    params = init_fn(jax.random.PRNGKey(0), None)[1]
+    whole = kf(0)(x1, x2, "ntk")
+    assert whole.shape == (4, 4, 5, 5 if x2 is None else 4)
+    np.testing.assert_allclose(kf(2)(x1, x2, "ntk"), whole, rtol=1e-5, atol=1e-6)
+    del params
+
+
+def test_batch_axis_is_not_guessed_from_sizes():
+    """An output (C, N) with C == N: the examples are on axis 1, not axis 0."""
+    def init_fn(key, shape):
+        return None, {"w": jax.random.normal(key, (3, 4))}
+
+    def apply_fn(params, x):
+        return jnp.tanh(x @ params["w"]).T  # (4, N)
+
+    x = _x(1, (4, 3))  # N == C == 4
+    kf = lambda b: mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 2,
+                                               batch_size=b, trace_axes=())
+    whole = kf(0)(x, None, "ntk")
+    assert whole.shape == (4, 4, 4, 4)
+    np.testing.assert_allclose(kf(2)(x, None, "ntk"), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kf(3)(x, None, "ntk"), whole, rtol=1e-5, atol=1e-6)
 
 
 def _block_reference(init_fn, apply_fn, key, n, x1, x2, b):

@@ -9,7 +9,7 @@ from jax.example_libraries import stax
 from mcntk_reference import lenient, stax_serial
 
 import mcntk
-from mcntk import _sampler
+from mcntk import monte_carlo
 
 
 def _fcn():
@@ -121,7 +121,7 @@ def test_samples_per_step_matches(monkeypatch):
     x1, x2 = _x(1, (3, 3)), _x(2, (2, 3))
     key = jax.random.PRNGKey(2)
     ref = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7)(x1, x2)
-    monkeypatch.setattr(_sampler, "SAMPLES_PER_STEP", 3)
+    monkeypatch.setattr(monte_carlo._Estimator, "samples_per_step", 3)
     chunked = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7)(x1, x2)
     close(chunked, ref)
 

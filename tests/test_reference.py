@@ -20,6 +20,13 @@ def close(actual, expected, rtol=2e-4):
         assert np.abs(a - e).max() <= rtol * scale, np.abs(a - e).max() / scale
 
 
+def field(result, name):
+    """The kernel ``name`` of every output leaf: mcntk, like neural-tangents, returns the
+    output's structure holding one namedtuple of kernels per output leaf."""
+    is_kernels = lambda v: isinstance(v, tuple) and hasattr(v, "_fields")
+    return jax.tree.map(lambda k: getattr(k, name), result, is_leaf=is_kernels)
+
+
 def _x(key, shape):
     return jax.random.normal(jax.random.PRNGKey(key), shape)
 
@@ -59,8 +66,8 @@ def test_matches_reference(name, vmap_axes, implementation):
                                             vmap_axes=vmap_axes, implementation=implementation)
     expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, x2, trace_axes, diagonal_axes)
     got = kernel_fn(x1, x2)
-    close(got.nngp, expected["nngp"])
-    close(got.ntk, expected["ntk"])
+    close(field(got, "nngp"), expected["nngp"])
+    close(field(got, "ntk"), expected["ntk"])
 
 
 @pytest.mark.parametrize("implementation", [1, 2])
@@ -119,9 +126,10 @@ def test_pytree_inputs_and_outputs(implementation, vmap_axes):
     got = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES, vmap_axes=vmap_axes,
                                       implementation=implementation)(x1, x2)
     expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, x2, rng=False)
-    assert set(got.ntk) == {"out", "hidden"}
-    close(got.nngp, expected["nngp"])
-    close(got.ntk, expected["ntk"])
+    assert set(got) == {"out", "hidden"}  # the output's dict, one namedtuple per leaf
+    for leaf in ("out", "hidden"):
+        close(got[leaf].nngp, expected["nngp"][leaf])
+        close(got[leaf].ntk, expected["ntk"][leaf])
 
 
 def _kwargs_model():
@@ -201,3 +209,30 @@ def test_pair_kwargs_with_x2_none_mean_x2_is_x1(implementation):
     # and it is not the kernel with scale 2.0 on both sides
     both = kf(x1, None, None, scale=2.0)
     assert np.abs(np.asarray(none.ntk) - np.asarray(both.ntk)).max() > 1e-3
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+def test_tuple_output_nests_like_neural_tangents(implementation):
+    """Code ported from neural-tangents indexes the output first: ``r[0].nngp``."""
+    (make, s1, s2), _, _ = CASES["tuple"]
+    init_fn, apply_fn = make()
+    x1, x2 = _x(1, s1), _x(2, s2)
+    key = jax.random.PRNGKey(3)
+    r = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES,
+                                    implementation=implementation)(x1, x2, ("nngp", "ntk"))
+    expected = monte_carlo(init_fn, apply_fn, key, N_SAMPLES, x1, x2)
+    assert isinstance(r, list) and len(r) == 2 and r[0]._fields == ("nngp", "ntk")  # stax: list
+    for i in range(2):
+        close(r[i].nngp, expected["nngp"][i])
+        close(r[i].ntk, expected["ntk"][i])
+    single = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, N_SAMPLES,
+                                         implementation=implementation)(x1, x2, "ntk")
+    assert isinstance(single, list) and len(single) == 2  # one kernel per output leaf
+    close(single[1], expected["ntk"][1])
+    # the empirical kernel nests the same way
+    params = init_fn(jax.random.PRNGKey(0), x1.shape)[1]
+    emp = mcntk.empirical_kernel_fn(apply_fn, implementation=implementation)(x1, x2, None, params)
+    one = monte_carlo(lambda k, s: (None, params), apply_fn, key, 1, x1, x2)
+    assert emp[1]._fields == ("nngp", "ntk")
+    close(emp[1].ntk, one["ntk"][1])
+    close(emp[0].nngp, one["nngp"][0])

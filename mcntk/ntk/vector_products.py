@@ -63,11 +63,29 @@ def _columns(jvp1, side2: Side, params: PyTree, fx2: PyTree, vjp2, index: int,
     return pe.map(one, side2.x, axis, _chunked(leaf2.shape[axis], per_example, options))
 
 
+def _jvp(side: Side, params: PyTree):
+    """``(f(x), t -> J(x) t)``; per example when the side has a per-example view, so that
+    both sides of the kernel see the model the same way (a dropout mask per example)."""
+    pe = side.per_example
+    if pe is None:
+        return jax.linearize(side.fn, params)
+    fx = pe.vmap(lambda x_i, kw_i: pe.fn(params, x_i, kw_i), side.x, pe.out_axes)
+
+    def jvp(tangent):
+        one = lambda x_i, kw_i: jax.jvp(lambda p: pe.fn(p, x_i, kw_i), (params,), (tangent,))[1]
+        return pe.vmap(one, side.x, pe.out_axes)
+
+    return fx, jvp
+
+
 def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes, options: Options):
-    fx1, jvp1 = jax.linearize(side1.fn, params)
+    fx1, jvp1 = _jvp(side1, params)
     if side2 is None:
         fx2, side2 = fx1, side1
-        vjp2 = jax.linear_transpose(jvp1, params)
+        vjp2 = None if side1.per_example is not None else jax.linear_transpose(jvp1, params)
+    elif side2.per_example is not None:
+        fx2 = _jvp(side2, params)[0]
+        vjp2 = None  # per-example VJPs are taken column by column
     else:
         fx2, vjp2 = jax.vjp(side2.fn, params)
     rules = axes.rules(fx1, fx2)

@@ -22,11 +22,10 @@ import jax
 jax.config.update("jax_threefry_partitionable", False)  # JAX 0.4.25's default; explicit here
 jax.config.update("jax_enable_x64", False)
 
+import neural_tangents as nt  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import random  # noqa: E402
 from jax.example_libraries import stax  # noqa: E402
-
-import neural_tangents as nt  # noqa: E402
 
 GET = ("nngp", "ntk")
 
