@@ -16,6 +16,7 @@ block). Every leaf of a side has a batch axis, the axis that holds the examples:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -251,6 +252,19 @@ def output_batch_axes(apply_fn: Callable, params: PyTree, side: Side,
         else:
             return None
     return axes
+
+
+def warn_if_traced_examples(rules: list, batch_axes: list, trace_axes: Any,
+                            stacklevel: int = 4) -> None:
+    """A ``UserWarning`` when a traced output axis is the one that holds the examples."""
+    traced = [a for r, a in zip(rules, batch_axes) if a is not None and a in r.trace]
+    if traced:
+        warnings.warn(
+            f"`trace_axes`={trace_axes} traces output axis {traced[0]}, which holds the "
+            f"examples: the kernel is averaged over all pairs of examples instead of having one "
+            f"entry per pair. This is neural-tangents' meaning; for a per-example kernel of a "
+            f"model with one output per example, pass `trace_axes`=().", UserWarning,
+            stacklevel=stacklevel)
 
 
 def numpy_equal(a: PyTree, b: PyTree) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from mcntk import _apply, _axes, ntk
+from mcntk import _apply, _axes, _inputs, ntk
 from mcntk._types import (
     NtkImplementation,
     PyTree,
@@ -41,6 +41,7 @@ class KernelSpec:
         self.implementation = unpack_implementation(implementation)
         ntk.check_available(self.implementation)
         self.auto_choices: dict[Hashable, auto.Choice] = {}  # AUTO's choice per signature
+        self._checked: set = set()  # signatures checked for a traced example axis
 
     def side(self, apply_fn: Callable, params: PyTree, x: PyTree, kwargs: dict,
              per_example: bool) -> ntk.Side:
@@ -91,10 +92,35 @@ class KernelSpec:
                     else NtkImplementation.JACOBIAN_CONTRACTION)
         return auto.choose(make_fn, args, self.auto_choices, key).implementation
 
+    def _warn_if_traced_examples(self, params: PyTree, x1: PyTree, kw1: dict) -> None:
+        """Warns (once per signature) when a traced output axis holds the examples."""
+        kwargs = {k: v for k, v in kw1.items() if k != "rng"}
+        dyn, _, static = _apply.partition_static(kwargs)
+        key = (auto.signature(params, x1, dyn), static)
+        try:
+            if key in self._checked:
+                return
+            self._checked.add(key)
+        except TypeError:  # unhashable static values: check every time
+            pass
+        rng = {"rng": kw1["rng"]} if "rng" in kw1 else {}
+        apply_fn = lambda p, x, **kw: self.apply_fn(p, x, **kw, **rng)
+        side = _inputs._side(x1, kwargs, set(), self.vmap_axes, "x1")
+        out = jax.eval_shape(lambda p, x, d: apply_fn(p, x, **side.rebuild(d)), params, x1,
+                             side.dyn)
+        rules = [_axes.AxesRule(self.axes.trace, self.axes.diagonal, len(o.shape))
+                 for o in jax.tree.leaves(out)]
+        axes = _inputs.output_batch_axes(apply_fn, params, side,
+                                         None if self.vmap_axes is None else
+                                         self.vmap_axes.out_axes)
+        if axes is not None:
+            _inputs.warn_if_traced_examples(rules, axes, self.axes.trace, stacklevel=5)
+
     def __call__(self, names, params, x1, x2, kwargs):
         """Kernels with ``kwargs`` split by the x1/x2 rule, AUTO resolved by cost."""
         x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
+        self._warn_if_traced_examples(params, x1, kw1)
 
         def make_fn(impl, options=ntk.DEFAULT_OPTIONS):
             def fn(p, a, b, d):

@@ -3,7 +3,6 @@ random initialisations, with neural-tangents' arguments and numbers."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -216,7 +215,7 @@ class _Estimator:
         batch_axes = _inputs.output_batch_axes(self._apply_for_shapes, params_struct, side1,
                                                None if vmap is None else vmap.out_axes)
         if batch_axes is not None:
-            _warn_traced_batch_axis(rules, batch_axes, self.spec.axes.trace)
+            _inputs.warn_if_traced_examples(rules, batch_axes, self.spec.axes.trace)
         n1 = side1.size
         n2 = n1 if call.symmetric else call.side2.size
         if self.batch_size == 0 or n1 is None or self.batch_size >= max(n1, n2 or 0):
@@ -447,14 +446,3 @@ def _check_failure(failure, done, wave) -> None:
     raise FloatingPointError(
         f"sample {done + int(sample[where])} (0-based) gave a non-finite kernel (NaN or Inf) "
         f"in block {block} of the grid; it was not added to the estimate.")
-
-
-def _warn_traced_batch_axis(rules, batch_axes, trace_axes) -> None:
-    traced = [a for r, a in zip(rules, batch_axes) if a is not None and a in r.trace]
-    if traced:
-        warnings.warn(
-            f"`trace_axes`={trace_axes} traces output axis {traced[0]}, which holds the "
-            f"examples: the kernel is averaged over all pairs of examples instead of having one "
-            f"entry per pair. This is neural-tangents' meaning; for a per-example kernel of a "
-            f"model with one output per example, pass `trace_axes`=().", UserWarning,
-            stacklevel=4)
