@@ -270,7 +270,43 @@ def per_example(apply_fn: Callable, axes: VmapAxes, params: PyTree, x: PyTree,
         out = apply_fn(p, expand(x_i, x_axes), **rebuild(dyn_full))
         return jax.tree.map(lambda o, a: jnp.squeeze(o, a), out, out_axes)
 
-    return PerExample(fn, x_axes, dyn, dyn_axes, out_axes)
+    pe = PerExample(fn, x_axes, dyn, dyn_axes, out_axes)
+    _check_per_example(pe, axes, params, x, kwargs, flat_axes)
+    return pe
+
+
+def _check_per_example(pe: PerExample, axes: VmapAxes, params: PyTree, x: PyTree,
+                       kwargs: dict[str, Any], flat_axes: list) -> None:
+    """Diagnoses ``vmap_axes`` that do not fit the call, instead of the model's raw error."""
+    x_leaves = jax.tree.leaves(x)
+    x_axes = jax.tree.leaves(pe.x_axes, is_leaf=lambda a: a is None)
+    sizes = {jnp.shape(v)[a] for v, a in zip(x_leaves, x_axes) if a is not None}
+    names = [k for k in sorted(kwargs) for _ in jax.tree.leaves(kwargs[k])]
+    leaves = jax.tree.leaves(kwargs)
+    if len(sizes) == 1:
+        n = sizes.pop()
+        for k, v, a in zip(names, leaves, flat_axes):
+            if a is not None and jnp.shape(v)[a] != n:
+                raise ValueError(
+                    f"`vmap_axes` kwargs_axes gives keyword argument `{k}` (shape "
+                    f"{jnp.shape(v)}) batch axis {a}, which has {jnp.shape(v)[a]} entries, but "
+                    f"the inputs hold {n} examples.")
+    try:
+        jax.eval_shape(lambda p, xx: pe.vmap(lambda x_i, d_i: pe.fn(p, x_i, d_i), xx,
+                                             pe.out_axes), params, x)
+    except Exception as e:
+        undeclared = sorted({k for k, v, a in zip(names, leaves, flat_axes)
+                             if a is None and k not in axes.kwargs_axes
+                             and _is_dynamic(v) and jnp.ndim(v)})
+        listed = ", ".join(f"`{k}`" for k in undeclared)
+        hint = (f" Keyword argument(s) {listed} are not in kwargs_axes, so every "
+                f"example's call gets them whole: declare their batch axis (None if they are "
+                f"the same for every example)." if undeclared else "")
+        raise ValueError(
+            f"`vmap_axes`=(in_axes={axes.in_axes!r}, out_axes={axes.out_axes!r}, "
+            f"kwargs_axes={axes.kwargs_axes!r}) does not fit the model: calling it one example "
+            f"at a time failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})."
+            f"{hint}") from e
 
 
 def _is_dynamic(leaf: Any) -> bool:

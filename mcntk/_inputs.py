@@ -113,7 +113,22 @@ def _side(x: PyTree, kwargs: dict, pairs: set, vmap_axes: _apply.VmapAxes | None
                 axes.append(a)
     x_axes = _input_axes(x, vmap_axes, name)
     size = _size(jax.tree.leaves(x), x_axes)
+    for k, v, a in zip(names, dyn, axes):
+        if k in declared and isinstance(a, int) and size is not None and v.shape[a] != size:
+            raise ValueError(
+                f"`vmap_axes` kwargs_axes gives keyword argument `{k}` (shape {v.shape}) batch "
+                f"axis {a}, which has {v.shape[a]} entries, but `{name}` holds {size} examples.")
     return Side(x, dyn, rebuild, x_axes, axes, names, size)
+
+
+def check_kwargs_axes_names(vmap_axes: _apply.VmapAxes | None, kwargs: dict) -> None:
+    """Every keyword named in ``vmap_axes``' kwargs_axes must be passed."""
+    if vmap_axes is None:
+        return
+    unknown = sorted(set(vmap_axes.kwargs_axes) - set(kwargs))
+    if unknown:
+        raise ValueError(f"`vmap_axes` kwargs_axes names keyword(s) {unknown} that were "
+                         f"not passed to kernel_fn; passed: {sorted(kwargs)}.")
 
 
 def check_batchable(side: Side, name: str) -> None:
@@ -173,11 +188,7 @@ def prepare(x1: Any, x2: Any, kwargs: dict[str, Any],
     if "rng" in kwargs:
         raise ValueError("`rng` is supplied per sample from `key` by the Monte Carlo "
                          "estimator; do not pass it to kernel_fn.")
-    if vmap_axes is not None:
-        unknown = sorted(set(vmap_axes.kwargs_axes) - set(kwargs))
-        if unknown:
-            raise ValueError(f"`vmap_axes` kwargs_axes names keyword(s) {unknown} that were "
-                             f"not passed to kernel_fn; passed: {sorted(kwargs)}.")
+    check_kwargs_axes_names(vmap_axes, kwargs)
     x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
     pairs = {k for k, v in kwargs.items() if isinstance(v, tuple) and len(v) == 2}
     side1 = _side(x1, kw1, pairs, vmap_axes, "x1")
@@ -255,16 +266,18 @@ def output_batch_axes(apply_fn: Callable, params: PyTree, side: Side,
 
 
 def warn_if_traced_examples(rules: list, batch_axes: list, trace_axes: Any,
-                            stacklevel: int = 4) -> None:
-    """A ``UserWarning`` when a traced output axis is the one that holds the examples."""
+                            stacklevel: int = 4) -> bool:
+    """A ``UserWarning`` when a traced output axis is the one that holds the examples;
+    returns whether it warned."""
     traced = [a for r, a in zip(rules, batch_axes) if a is not None and a in r.trace]
     if traced:
         warnings.warn(
             f"`trace_axes`={trace_axes} traces output axis {traced[0]}, which holds the "
-            f"examples: the kernel is averaged over all pairs of examples instead of having one "
-            f"entry per pair. This is neural-tangents' meaning; for a per-example kernel of a "
-            f"model with one output per example, pass `trace_axes`=().", UserWarning,
-            stacklevel=stacklevel)
+            f"examples: the kernel is the mean of K(x1_i, x2_i) over matching examples i (a "
+            f"trace) instead of having one entry per pair of examples. This is "
+            f"neural-tangents' meaning; for a per-example kernel of a model with one output "
+            f"per example, pass `trace_axes`=().", UserWarning, stacklevel=stacklevel)
+    return bool(traced)
 
 
 def numpy_equal(a: PyTree, b: PyTree) -> bool:

@@ -77,12 +77,34 @@ def run(width: int = 512, depth: int = 2, points: int = 8, samples=(1, 4, 16, 64
     return rows
 
 
+def _int_at_least(low: int):
+    """An argparse ``type``: an int >= ``low`` (argparse puts the option's name in errors)."""
+    what = "a positive int" if low == 1 else f"an int >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="mcntk demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--points", type=int, default=8)
-    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="mcntk demo", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--width", type=_int_at_least(1), default=512,
+                        help="width of each hidden layer")
+    parser.add_argument("--depth", type=_int_at_least(1), default=2,
+                        help="number of hidden ReLU layers")
+    parser.add_argument("--points", type=_int_at_least(1), default=8,
+                        help="number of input points on the circle")
+    parser.add_argument("--samples", type=_int_at_least(1), nargs="+", default=[1, 4, 16, 64],
+                        help="sample counts at which the estimate is printed")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="seed of the PRNG key")
     args = parser.parse_args(argv)
     run(args.width, args.depth, args.points, tuple(args.samples), args.seed)

@@ -92,11 +92,16 @@ class KernelSpec:
                     else NtkImplementation.JACOBIAN_CONTRACTION)
         return auto.choose(make_fn, args, self.auto_choices, key).implementation
 
-    def _warn_if_traced_examples(self, params: PyTree, x1: PyTree, kw1: dict) -> None:
-        """Warns (once per signature) when a traced output axis holds the examples."""
-        kwargs = {k: v for k, v in kw1.items() if k != "rng"}
-        dyn, _, static = _apply.partition_static(kwargs)
-        key = (auto.signature(params, x1, dyn), static)
+    def _check_call(self, params: PyTree, x1: PyTree, x2: PyTree | None, kw1: dict,
+                    kw2: dict) -> None:
+        """Once per signature: x2 must suit the model as x1 does (else an error naming both
+        shapes), and a traced output axis holding the examples gives a warning."""
+        strip = lambda kw: {k: v for k, v in kw.items() if k != "rng"}
+        _inputs.check_kwargs_axes_names(self.vmap_axes, strip(kw1))
+        sides = [_inputs._side(x, strip(kw), set(), self.vmap_axes, name)
+                 for x, kw, name in ((x1, kw1, "x1"), (x2, kw2, "x2")) if x is not None]
+        key = (auto.signature(params, [(s.x, s.dyn) for s in sides]),
+               _apply.partition_static((strip(kw1), strip(kw2)))[2])
         try:
             if key in self._checked:
                 return
@@ -105,12 +110,11 @@ class KernelSpec:
             pass
         rng = {"rng": kw1["rng"]} if "rng" in kw1 else {}
         apply_fn = lambda p, x, **kw: self.apply_fn(p, x, **kw, **rng)
-        side = _inputs._side(x1, kwargs, set(), self.vmap_axes, "x1")
-        out = jax.eval_shape(lambda p, x, d: apply_fn(p, x, **side.rebuild(d)), params, x1,
-                             side.dyn)
+        out = _inputs.output_shapes(apply_fn, params, sides[0],
+                                    sides[1] if len(sides) > 1 else None)[0]
         rules = [_axes.AxesRule(self.axes.trace, self.axes.diagonal, len(o.shape))
                  for o in jax.tree.leaves(out)]
-        axes = _inputs.output_batch_axes(apply_fn, params, side,
+        axes = _inputs.output_batch_axes(apply_fn, params, sides[0],
                                          None if self.vmap_axes is None else
                                          self.vmap_axes.out_axes)
         if axes is not None:
@@ -120,7 +124,7 @@ class KernelSpec:
         """Kernels with ``kwargs`` split by the x1/x2 rule, AUTO resolved by cost."""
         x2, kw1, kw2 = _apply.prepare(x1, x2, kwargs)
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
-        self._warn_if_traced_examples(params, x1, kw1)
+        self._check_call(params, x1, x2, kw1, kw2)
 
         def make_fn(impl, options=ntk.DEFAULT_OPTIONS):
             def fn(p, a, b, d):

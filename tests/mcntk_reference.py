@@ -50,9 +50,12 @@ def kernels(apply_fn, params, x1, x2, trace_axes=(-1,), diagonal_axes=(), kw1=No
 
 
 def monte_carlo(init_fn, apply_fn, key, n, x1, x2=None, trace_axes=(-1,), diagonal_axes=(),
-                kwargs=None, rng=True):
-    """neural-tangents' key schedule written out, averaging :func:`kernels`."""
+                kwargs=None, rng=True, kwargs2=None):
+    """neural-tangents' key schedule written out, averaging :func:`kernels`.
+
+    ``kwargs`` go to ``f(x1)``, and to ``f(x2)`` unless ``kwargs2`` is given."""
     kwargs = kwargs or {}
+    kwargs2 = kwargs if kwargs2 is None else kwargs2
     total = None
     same = x2 is None or (
         jax.tree.structure(x1) == jax.tree.structure(x2)
@@ -62,7 +65,7 @@ def monte_carlo(init_fn, apply_fn, key, n, x1, x2=None, trace_axes=(-1,), diagon
         key, split = jax.random.split(key)
         init_key, dropout_key = jax.random.split(split)
         params = init_fn(init_key, jax.tree.map(jnp.shape, x1))[1]
-        kw1, kw2 = dict(kwargs), dict(kwargs)
+        kw1, kw2 = dict(kwargs), dict(kwargs2)
         if rng:
             kw1["rng"] = dropout_key
             kw2["rng"] = dropout_key if same else jax.random.fold_in(dropout_key, 1)

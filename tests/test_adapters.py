@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.example_libraries import stax
-from mcntk_reference import stax_serial
+from mcntk_reference import monte_carlo, stax_serial
 
 import mcntk
 from mcntk import adapters
@@ -134,30 +134,50 @@ def test_stax_pairs_and_triples():
         adapters.as_model([init_fn, apply_fn], framework="stax")
 
 
+def reference_ntk(init_fn, apply_fn, key):
+    """The NTK of ``mcntk_reference`` (explicit Jacobians, neural-tangents' key schedule)
+    for ``init_fn(key, shape) -> (_, params)`` and ``apply_fn(params, x)``, written with
+    the framework's own calls: the oracle of every kernel value in this file."""
+    return monte_carlo(init_fn, apply_fn, key, 2, X, rng=False)["ntk"]
+
+
+def assert_ntk_close(got, expected):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 def test_jitted_functions_are_accepted():
     init_fn, apply_fn = stax_serial(stax.Dense(8), stax.Relu, stax.Dense(1))
     key = jax.random.PRNGKey(0)
+    expected = reference_ntk(init_fn, apply_fn, key)
     plain = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2)(X, None, "ntk")
     jitted = mcntk.monte_carlo_kernel_fn(adapters.as_model((init_fn, jax.jit(apply_fn))), key=key,
                                          n_samples=2)(X, None, "ntk")
-    np.testing.assert_allclose(jitted, plain, rtol=1e-5)
+    assert_ntk_close(plain, expected)
+    assert_ntk_close(jitted, expected)
 
 
 def test_haiku_jitted_apply_is_accepted():
     hk = pytest.importorskip("haiku")
     f = hk.transform(lambda x: hk.nets.MLP([8, 1])(x))
     key = jax.random.PRNGKey(0)
+    expected = reference_ntk(lambda k, shape: (None, f.init(k, jnp.zeros(shape))),
+                             lambda params, x: f.apply(params, None, x), key)
     plain = mcntk.monte_carlo_kernel_fn(f, key=key, n_samples=2)(X, None, "ntk")
+    assert_ntk_close(plain, expected)
     for g in [hk.Transformed(f.init, jax.jit(f.apply)), hk.without_apply_rng(f)]:
         got = mcntk.monte_carlo_kernel_fn(g, key=key, n_samples=2)(X, None, "ntk")
-        np.testing.assert_allclose(got, plain, rtol=1e-5)
+        assert_ntk_close(got, expected)
 
 
 def framework_objects():
-    """``(name, make)``: a small model of each kind that as_model dispatches alone."""
+    """``(name, make)``: ``make()`` gives a small model of each kind that as_model
+    dispatches alone, and its ``(init_fn, apply_fn)`` for the reference, written with
+    the framework's own calls (not with the adapters)."""
     def linen():
         nn = pytest.importorskip("flax.linen")
-        return nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(1)])
+        module = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(1)])
+        return module, (lambda k, shape: (None, module.init({"params": k}, jnp.zeros(shape))),
+                        module.apply)
 
     def nnx_class():
         nnx = pytest.importorskip("flax.nnx")
@@ -169,15 +189,19 @@ def framework_objects():
             def __call__(self, x):
                 return self.lin(x)
 
-        return Net
+        graphdef, _, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+        init = lambda k, shape: (None, nnx.split(Net(nnx.Rngs(k)), nnx.Param, ...)[1])
+        return Net, (init, lambda params, x: nnx.merge(graphdef, params, rest)(x))
 
     def haiku():
         hk = pytest.importorskip("haiku")
-        return hk.transform(lambda x: hk.nets.MLP([8, 1])(x))
+        f = hk.transform(lambda x: hk.nets.MLP([8, 1])(x))
+        return f, (lambda k, shape: (None, f.init(k, jnp.zeros(shape))),
+                   lambda params, x: f.apply(params, None, x))
 
     def stax_triple():
         init_fn, apply_fn = stax_serial(stax.Dense(8), stax.Relu, stax.Dense(1))
-        return init_fn, apply_fn, lambda *args, **kwargs: None
+        return (init_fn, apply_fn, lambda *args, **kwargs: None), (init_fn, apply_fn)
 
     return [("linen", linen), ("nnx_class", nnx_class), ("haiku", haiku),
             ("stax_triple", stax_triple)]
@@ -188,10 +212,13 @@ def framework_objects():
 def test_estimator_takes_framework_objects(make):
     """monte_carlo_kernel_fn(obj, key=..., n_samples=...) dispatches through as_model."""
     key = jax.random.PRNGKey(0)
-    direct = mcntk.monte_carlo_kernel_fn(make(), key=key, n_samples=2)(X, None, "ntk")
-    unpacked = mcntk.monte_carlo_kernel_fn(*adapters.as_model(make()), key, 2)(X, None, "ntk")
-    np.testing.assert_allclose(direct, unpacked, rtol=1e-6)
+    obj, native = make()
+    expected = reference_ntk(*native, key)
+    direct = mcntk.monte_carlo_kernel_fn(obj, key=key, n_samples=2)(X, None, "ntk")
+    unpacked = mcntk.monte_carlo_kernel_fn(*adapters.as_model(obj), key, 2)(X, None, "ntk")
     assert direct.shape == (4, 4)
+    assert_ntk_close(direct, expected)
+    assert_ntk_close(unpacked, expected)
 
 
 def test_estimator_positional_model_and_bound_linen_methods():
@@ -206,11 +233,14 @@ def test_estimator_positional_model_and_bound_linen_methods():
 
     module = Net()
     key = jax.random.PRNGKey(0)
-    ref = mcntk.monte_carlo_kernel_fn(module, key=key, n_samples=2)(X, None, "ntk")
+    expected = reference_ntk(lambda k, shape: (None, module.init({"params": k},
+                                                                 jnp.zeros(shape))),
+                             module.apply, key)
+    keyword = mcntk.monte_carlo_kernel_fn(module, key=key, n_samples=2)(X, None, "ntk")
     positional = mcntk.monte_carlo_kernel_fn(module, key, 2)(X, None, "ntk")
     bound = mcntk.monte_carlo_kernel_fn(module.init, module.apply, key, 2)(X, None, "ntk")
-    np.testing.assert_allclose(positional, ref, rtol=1e-6)
-    np.testing.assert_allclose(bound, ref, rtol=1e-6)
+    for got in (keyword, positional, bound):
+        assert_ntk_close(got, expected)
 
 
 @pytest.mark.parametrize("obj", [42, "model", lambda x: x, (1, 2), (len,), None],
@@ -288,7 +318,8 @@ def test_registered_adapter_is_dispatched(clean_registry):
     scaled = adapters.as_model(Toy(3), scale=2.0, framework="toy")
     np.testing.assert_allclose(scaled.apply(params, X), 2 * model.apply(params, X))
     ntk = mcntk.monte_carlo_kernel_fn(Toy(3), key=jax.random.PRNGKey(0), n_samples=2)(X)
-    assert ntk.ntk.shape == (4, 4)
+    assert_ntk_close(ntk.ntk, reference_ntk(*ToyAdapter().to_model(Toy(3)),
+                                            jax.random.PRNGKey(0)))
     with pytest.raises(adapters.UnsupportedModelError, match="Toy models of the tests"):
         adapters.as_model(7)
     assert adapters.unregister("toy") is adapter

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import mcntk_reference as reference
 import numpy as np
 import pytest
 from jax.example_libraries import stax
@@ -30,8 +31,8 @@ def close(a, b, rtol=1e-5):
         float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(b)))
 
 
-BATCH_CASES = [  # (batch_size, x2 is None, diagonal_axes, fully convolutional)
-    (1, False, (), False), (2, False, (), False), (4, False, (), False), (7, False, (), False),
+BATCH_CASES = [  # (batch_size, x2 is None, diagonal_axes, fully convolutional); 5 x1 examples
+    (1, False, (), False), (2, False, (), False), (4, False, (), False), (3, False, (), False),
     (2, True, (), False), (3, True, (), False), (2, False, (0,), False), (3, True, (0,), False),
     (2, False, (1,), True), (2, True, (-1,), True), (3, False, (0,), True),
 ]
@@ -43,6 +44,7 @@ def test_batched_equals_unbatched(batch_size, x2_none, diagonal_axes, conv):
     shape = (4, 4, 2) if conv else (3,)
     x1 = _x(1, (5, *shape))
     x2 = None if x2_none else _x(2, (5 if 0 in diagonal_axes else 3, *shape))
+    assert batch_size < x1.shape[0]  # really batched: more than one block
     key = jax.random.PRNGKey(0)
     make = lambda b, sod=True: mcntk.monte_carlo_kernel_fn(
         init_fn, apply_fn, key, 2, batch_size=b, store_on_device=sod,
@@ -172,12 +174,24 @@ def test_vmap_axes_non_leading_and_kwargs():
     close(mapped, plain)
 
 
-def test_x2_none_equals_x2_x1():
+def test_x2_none_and_x2_equal_to_x1_follow_the_key_rule():
+    """``x2=None`` and an x2 equal to x1 give f(x2) x1's dropout key. Both take the
+    symmetric path (f(x1) serves both sides), so they are checked against the reference,
+    which computes f(x2) on its own; a 2-tuple keyword (ignored by the model) forces the
+    general path, which computes f(x2) on its own too."""
     init_fn, apply_fn = stax_serial(stax.Dense(8), stax.Relu, stax.Dropout(0.7, mode="train"),
                                     stax.Dense(2))
     x = _x(1, (4, 3))
-    kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(6), 3)
-    close(kf(x, None), kf(x, x + 0.0))
+    key = jax.random.PRNGKey(6)
+    kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 3)
+    expected = reference.monte_carlo(init_fn, apply_fn, key, 3, x, None)
+    expected = mcntk.EmpiricalKernel(expected["nngp"], expected["ntk"])
+    for x2, kwargs in [(None, {}), (x + 0.0, {}), (None, {"unused": (0, 0)}),
+                       (x + 0.0, {"unused": (0, 0)})]:
+        close(kf(x, x2, None, **kwargs), expected, rtol=2e-4)
+    # the comparison has teeth: an x2 off by rounding gets the folded key, other masks
+    nearly = kf(x, x * (1 + 1e-6), None, unused=(0, 0))
+    assert np.abs(np.asarray(nearly.ntk) - expected.ntk).max() > 0.05 * np.abs(expected.ntk).max()
 
 
 def test_jitted_kernel_fn_inputs_and_lenient_apply():
