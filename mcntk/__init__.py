@@ -2,7 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from mcntk import errors as errors
 from mcntk._types import EmpiricalKernel as EmpiricalKernel
+from mcntk._types import Estimate as Estimate
 from mcntk._types import NtkImplementation as NtkImplementation
 from mcntk.empirical import empirical_kernel_fn as empirical_kernel_fn
 from mcntk.empirical import empirical_nngp_fn as empirical_nngp_fn
@@ -16,9 +18,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "EmpiricalKernel",
+    "Estimate",
     "NtkImplementation",
     "empirical_kernel_fn",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
+    "errors",
     "monte_carlo_kernel_fn",
 ]

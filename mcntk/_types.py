@@ -56,6 +56,23 @@ class EmpiricalKernel(NamedTuple):
     ntk: PyTree
 
 
+class Estimate(NamedTuple):
+    """A Monte Carlo kernel with its accuracy, returned in place of each kernel array
+    by ``monte_carlo_kernel_fn(..., stderr=True)`` (docs/long_runs.md).
+
+    Attributes:
+      mean: the estimate, exactly the array a call without ``stderr`` returns.
+      stderr: the standard error of ``mean`` per entry, ``sqrt(s^2 / n)`` with ``s^2``
+        the unbiased sample variance of the one-sample kernels (NaN when ``n < 2``).
+      n_samples: ``n``, the number of samples averaged; below the requested count
+        when ``rtol`` stopped the run early.
+    """
+
+    mean: Any
+    stderr: Any
+    n_samples: int
+
+
 @functools.cache
 def result_type(typename: str, fields: tuple[str, ...]) -> type:
     """The namedtuple class that holds the kernels ``fields`` (cached, so types compare equal)."""

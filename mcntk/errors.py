@@ -70,3 +70,64 @@ class StateMutationError(ValueError):
     ``average`` to ones (and ``mean_ema``'s to zeros) after the adapter's ``init``;
     see docs/adapters.md.
     """
+
+
+class NonFiniteSampleError(FloatingPointError):
+    """A sample of a Monte Carlo estimate gave a kernel with NaN or Inf entries.
+
+    The estimator checks every one-sample kernel before adding it, so the offending
+    sample never enters the sums. The error names the sample (0-based, in the key
+    schedule of ``monte_carlo_kernel_fn``), the kernel (``'nngp'`` or ``'ntk'``,
+    and the output leaf for a pytree output) and the block of the grid (with the
+    examples it covers). With ``checkpoint_dir``, what was committed before the
+    sample stays on disk: samples after the last commit are computed again by the
+    next call, which meets the same sample again unless the model changes.
+
+    Attributes:
+      sample: the sample's index.
+      kernel: the kernel's name, e.g. ``'ntk'`` or ``"ntk[1]['logits']"``.
+      block: ``(i, j)``, the block of the grid (``(0, 0)`` without ``batch_size``).
+      committed: samples committed in ``checkpoint_dir``, or None without one.
+
+    Usual causes: an initialisation scale that overflows (deep networks in standard
+    parameterisation, ``exp`` of large pre-activations), a model that divides by a
+    norm that can be zero, ``sqrt`` or ``log`` of a quantity that can be negative,
+    or low precision (float16/bfloat16 outputs). To look at the sample, draw its
+    parameters as the estimator does: ``key_s = key`` advanced ``s`` times by
+    ``key_s, _ = jax.random.split(key_s)``, then ``_, split = jax.random.split(key_s)``,
+    ``init_key, dropout_key = jax.random.split(split)`` and
+    ``params = init_fn(init_key, input_shape)[1]``; evaluate it with
+    ``mcntk.empirical_kernel_fn`` (and ``jax.config.update('jax_debug_nans', True)``
+    to find the operation).
+    """
+
+    def __init__(self, message: str, sample: int, kernel: str, block: tuple,
+                 committed: int | None = None):
+        super().__init__(message)
+        self.sample, self.kernel, self.block, self.committed = sample, kernel, block, committed
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.sample, self.kernel, self.block, self.committed))
+
+
+class CheckpointMismatchError(ValueError):
+    """``checkpoint_dir`` holds the run state of a different computation.
+
+    A checkpoint records a fingerprint of what it estimates: the inputs (``x1``,
+    ``x2`` and keyword arrays), the model (its parameter structure, and the kernels
+    of the first sample on the first block, compared to a relative 1e-3 so that
+    another machine's rounding does not matter), the key, the settings that shape the run
+    state (``get``, ``trace_axes``, ``diagonal_axes``, ``vmap_axes``,
+    ``batch_size``, ``stderr``, the precision) and the sample counts whose states
+    were kept. Mixing it into another computation would silently give a wrong
+    estimate, so it is refused instead. The message names the directory and the
+    part that differs.
+
+    What to do: pass another ``checkpoint_dir`` (one directory per kernel call:
+    ``f"runs/{name}"``), or delete the directory to start over. ``n_samples`` may
+    grow between calls (the run continues), ``rtol``, ``checkpoint_every``,
+    ``progress``, ``device_count``, ``mesh`` and ``implementation`` may change
+    freely; an estimate at fewer samples than the checkpoint holds is available only
+    if its count was committed, i.e. was one of the ``n_samples`` of the run that
+    made it.
+    """

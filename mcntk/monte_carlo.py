@@ -3,6 +3,7 @@ random initialisations, with neural-tangents' arguments and numbers."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -10,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcntk import _accumulate, _apply, _grid, _inputs, _placement, _sampler, ntk
-from mcntk._types import NtkImplementation, PyTree, canonicalize_get, pack_result
+from mcntk import _accumulate, _apply, _checkpoint, _grid, _inputs, _placement, _run, _sampler, ntk
+from mcntk._axes import AxesRule
+from mcntk._types import Estimate, NtkImplementation, PyTree, canonicalize_get, pack_result
 from mcntk.empirical import KernelSpec
+from mcntk.errors import NonFiniteSampleError
 from mcntk.ntk import auto
 
 
@@ -58,7 +61,14 @@ def check_key(key: Any) -> Any:
             raise ValueError(f"`key` must be a single key, got a key array of shape "
                              f"{jnp.shape(key)}.")
         return key
-    arr = jnp.asarray(key)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        raise TypeError(f"`key` must be a PRNG key, not a seed: got {key!r}; pass "
+                        f"jax.random.PRNGKey({key}).")
+    try:
+        arr = jnp.asarray(key)
+    except TypeError:
+        raise TypeError(f"`key` must be a PRNG key (uint32[2] from jax.random.PRNGKey or a "
+                        f"typed key from jax.random.key), got {key!r}.") from None
     if arr.dtype != jnp.uint32 or arr.shape != (2,):
         raise ValueError(f"`key` must be a PRNG key (uint32[2] from jax.random.PRNGKey or a "
                          f"typed key from jax.random.key), got {arr.dtype}{list(arr.shape)}.")
@@ -105,6 +115,11 @@ def monte_carlo_kernel_fn(
     *,
     mesh: jax.sharding.Mesh | None = None,
     sample_axes: str | tuple[str, ...] | None = None,
+    stderr: bool = False,
+    rtol: float | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 64,
+    progress: bool | None = None,
 ) -> Callable:
     """Returns ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``: Monte Carlo
     estimates of the NNGP and NTK, averaged over ``n_samples`` initialisations.
@@ -135,13 +150,34 @@ def monte_carlo_kernel_fn(
       sample_axes: names of ``mesh`` axes over which samples are split (blocks go
         over the other axes). Default: blocks over as many devices as there are
         blocks, samples over the rest (docs/sharding.md).
+      stderr: ``True`` returns each kernel as an :class:`mcntk.Estimate`
+        ``(mean, stderr, n_samples)``: ``mean`` is the array returned without it,
+        ``stderr`` the standard error of the mean per entry. See docs/long_runs.md
+        for these options.
+      rtol: stop at the first boundary (below) where every returned kernel has
+        ``max(stderr) <= rtol * max(|mean|)``; ``n_samples`` is then the ceiling
+        (a generator stops likewise). Needs ``stderr=True``, which reports the count.
+      checkpoint_dir: a directory where the run state is committed atomically
+        (orbax-checkpoint, ``pip install "mcntk[checkpoint]"``); calling the kernel
+        function again, here or in a new process, resumes from the last commit.
+        A checkpoint of another computation is refused
+        (:class:`mcntk.errors.CheckpointMismatchError`).
+      checkpoint_every: samples between boundaries: commits of ``checkpoint_dir``,
+        tests of ``rtol`` and updates of the bar's standard error. Default 64: a
+        commit costs tens of milliseconds, and 64 is a multiple of any power-of-two
+        number of devices splitting samples, which keeps the estimate bitwise equal
+        to a run without boundaries.
+      progress: a tqdm bar on stderr (``pip install "mcntk[progress]"``): None shows
+        it when stderr is a terminal or in a notebook, True always, False never.
 
     Returns:
       ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``. ``get`` is None (an
       ``EmpiricalKernel(nngp, ntk)``), a kernel name (an array) or a tuple of names
       (a ``MonteCarloKernel`` namedtuple). ``x2=None`` means ``x2 = x1``. Keyword
       arguments go to ``apply_fn`` (2-tuples are split between x1 and x2); ``rng``
-      is supplied per sample when ``apply_fn`` accepts it.
+      is supplied per sample when ``apply_fn`` accepts it. A sample whose kernel
+      has NaN or Inf raises :class:`mcntk.errors.NonFiniteSampleError` before it
+      enters the estimate.
 
     Example:
       >>> import jax, mcntk
@@ -159,11 +195,12 @@ def monte_carlo_kernel_fn(
     if not isinstance(store_on_device, (bool, np.bool_)):
         raise TypeError(f"`store_on_device` must be a bool, got {store_on_device!r}.")
     spec = KernelSpec(apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation)
+    run = _run.check_options(stderr, rtol, checkpoint_dir, checkpoint_every, progress)
     estimator = _Estimator(init_fn, spec, key, batch_size, bool(store_on_device), devices)
 
     def kernel_fn(x1: PyTree, x2: PyTree | None = None, get: Any = None, **apply_fn_kwargs):
         names, single = canonicalize_get(get)
-        estimates = estimator.estimates(x1, x2, names, counts, apply_fn_kwargs)
+        estimates = estimator.estimates(x1, x2, names, counts, apply_fn_kwargs, run)
 
         def pack(result):
             values, treedef = result
@@ -207,21 +244,35 @@ class _Estimator:
     def _plan(self, call: _inputs.Call, params_struct) -> tuple[_grid.GridPlan, list, Any]:
         """The grid plan, the layout of each output leaf's kernel and the output treedef."""
         side1 = call.side1
+        n1 = side1.size
+        n2 = n1 if call.symmetric else call.side2.size
+        split = bool(self.batch_size) and n1 is not None and n2 is not None and (
+            self.batch_size < max(n1, n2))
+        if split:  # before the model sees them: keyword arguments must be cut per block
+            self._check_kwargs_splittable(call)
         out, out2 = _inputs.output_shapes(self._apply_for_shapes, params_struct, side1,
                                           call.side2)
         leaves, treedef = jax.tree.flatten(out)
-        rules = self.spec.axes.rules(out, out2)
+        trace, diagonal_axes = self.spec.axes
         vmap = self.spec.vmap_axes
         batch_axes = _inputs.output_batch_axes(self._apply_for_shapes, params_struct, side1,
                                                None if vmap is None else vmap.out_axes)
+        traced = False
         if batch_axes is not None:
-            _inputs.warn_if_traced_examples(rules, batch_axes, self.spec.axes.trace)
-        n1 = side1.size
-        n2 = n1 if call.symmetric else call.side2.size
-        if self.batch_size == 0 or n1 is None or self.batch_size >= max(n1, n2 or 0):
+            plain = [AxesRule(trace, diagonal_axes, len(o.shape)) for o in leaves]
+            traced = _inputs.warn_if_traced_examples(plain, batch_axes, trace, stacklevel=5)
+        try:
+            rules = self.spec.axes.rules(out, out2)
+        except ValueError as e:
+            if not traced:
+                raise
+            raise ValueError(f"{e} `trace_axes`={trace} traces the axis that holds the "
+                             f"examples; to get one entry per pair of examples, pass "
+                             f"`trace_axes`=().") from e
+        if not split:
             plan = _grid.GridPlan(n1 or 1, n2 or 1, 0, call.symmetric, not self.rng, False)
             return plan, [None] * len(leaves), treedef
-        self._check_splittable(call, [o.shape for o in leaves], rules, batch_axes)
+        self._check_splittable([o.shape for o in leaves], rules, batch_axes)
         layouts = [_grid.layout(r, a) for r, a in zip(rules, batch_axes)]
         diagonal = {w.diagonal for w in layouts}
         if len(diagonal) != 1:
@@ -235,7 +286,7 @@ class _Estimator:
                               diagonal.pop())
         return plan, layouts, treedef
 
-    def _check_splittable(self, call, shapes, rules, batch_axes) -> None:
+    def _check_splittable(self, shapes, rules, batch_axes) -> None:
         b = self.batch_size
         if batch_axes is None or None in batch_axes:
             raise ValueError(
@@ -251,6 +302,10 @@ class _Estimator:
                     f"that holds the examples (output shapes {shapes}), so the kernel has no "
                     f"example axes to cut into `batch_size`={b} blocks. To get one entry per "
                     f"pair of examples, pass `trace_axes`=().")
+
+    def _check_kwargs_splittable(self, call) -> None:
+        """Every array keyword argument needs a known batch axis with one row per example."""
+        b = self.batch_size
         for side, name in ((call.side1, "x1"), (call.side2, "x2")):
             if side is None:
                 continue
@@ -317,7 +372,8 @@ class _Estimator:
 
     # --- the run -------------------------------------------------------------------
 
-    def estimates(self, x1, x2, names, counts, kwargs) -> Iterator[tuple[dict, Any]]:
+    def estimates(self, x1, x2, names, counts, kwargs,
+                  run: _run.RunOptions | None = None) -> Iterator[tuple[dict, Any]]:
         call = _inputs.prepare(x1, x2, kwargs, self.spec.vmap_axes)
         if self.batch_size:
             _inputs.check_batchable(call.side1, "x1")
@@ -332,12 +388,21 @@ class _Estimator:
             b2 = None if symmetric else blocks2
             program = self._program(names, call, blocks1, b2, len(pairs), params_struct)
             waves.extend(self._waves(program, plan, pairs, blocks1, b2, call))
-        return self._loop(plan, waves, layouts, treedef, counts)
+        identity = (call, names, params_struct, blocks1)
+        run = _run.RunOptions() if run is None else run
+        return self._loop(plan, waves, layouts, treedef, counts, run, identity)
 
     def _waves(self, program, plan, pairs, blocks1, blocks2, call):
         """The calls of ``program`` that cover ``pairs``: one, or one per ``db`` blocks
-        when finished blocks go to the host."""
+        (one per block row) when finished blocks go to the host."""
         placement = program.placement
+        if not self.on_device:  # each call hands its moments to the host (every process)
+            program = program._replace(advance=_then_fetch(program.advance))
+        leaves2 = None if blocks2 is None else blocks2.leaves
+        shared = (blocks1.leaves, leaves2, call.side1.dyn)
+        _placement.check_same((self.key, shared), "x1, x2, the keyword arrays or the key")
+        shared = _placement.put(shared, placement.replicated())
+        by_block = placement.sharding(_placement.BLOCKS)
         size = len(pairs) if self.on_device else placement.db
         out = []
         for start in range(0, len(pairs), size):
@@ -346,22 +411,9 @@ class _Estimator:
             chosen = [chunk[o] for o in order]
             same = [self._same(blocks1, blocks2, i, j) for i, j in chosen]
             inputs = _sampler.ProgramInputs(
-                np.asarray(chosen, np.int32), valid, np.asarray(same, bool), blocks1.leaves,
-                None if blocks2 is None else blocks2.leaves, call.side1.dyn)
-            rep = placement.replicated()
-            inputs = inputs._replace(
-                pairs=_placement.put(inputs.pairs, placement.sharding(_placement.BLOCKS)),
-                valid=_placement.put(inputs.valid, placement.sharding(_placement.BLOCKS)),
-                same=_placement.put(inputs.same, placement.sharding(_placement.BLOCKS)),
-                blocks1=_placement.put(inputs.blocks1, rep),
-                blocks2=None if blocks2 is None else _placement.put(inputs.blocks2, rep),
-                init_args=_placement.put(inputs.init_args, rep))
-            slots = [None] * len(order)
-            for pos, (o, v) in enumerate(zip(order, valid)):
-                if v:
-                    slots[pos] = pairs.index(chunk[o])  # position in the group
-            out.append(_Wave(program, inputs, [chunk[o] if v else None
-                                               for o, v in zip(order, valid)]))
+                *_placement.put((np.asarray(chosen, np.int32), valid, np.asarray(same, bool)),
+                                by_block), *shared)
+            out.append(_Wave(program, inputs, [c if v else None for c, v in zip(chosen, valid)]))
         return out
 
     def _same(self, blocks1, blocks2, i, j) -> bool:
@@ -373,51 +425,102 @@ class _Estimator:
                             zip(b.leaves[:nx], b.batched[:nx])]
         return _inputs.numpy_equal(get(blocks1, i), get(blocks2, j))
 
-    def _loop(self, plan, waves, layouts, treedef, counts):
-        states = [None] * len(waves)
-        key, done = self.key, 0
-        for target in counts:
-            n = jnp.asarray(target - done, jnp.int32)
-            next_key = key
-            for w, wave in enumerate(waves):
-                moments = states[w]
-                if moments is None:
-                    moments = wave.zeros()
-                elif not self.on_device:
-                    moments = _placement.put(moments, wave.moments_sharding())
-                rep = wave.program.placement.replicated()
-                moments, failure, next_key = wave.program.advance(
-                    moments, _placement.put(key, rep), _placement.put(n, rep), wave.inputs)
-                _check_failure(failure, done, wave)
-                states[w] = moments if self.on_device else jax.device_get(moments)
-            key, done = next_key, target
-            yield self._finalize(plan, waves, states, layouts, treedef)
+    def _loop(self, plan, waves, layouts, treedef, counts, run: _run.RunOptions, identity):
+        """The estimates at each count (``(values, treedef)``), from :func:`_run.iterate`:
+        boundaries, ``rtol``, commits and resume, the bar."""
+        def finalize(state):
+            means, _ = self._finalize(plan, waves, list(state.moments), layouts, treedef)
+            if not run.stderr:
+                return means
+            errors, _ = self._finalize(plan, waves, list(state.moments), layouts, treedef,
+                                       stat=_accumulate.stderr)
+            estimate = lambda m, e: Estimate(m, e, state.done)
+            return {name: jax.tree.map(estimate, means[name], errors[name]) for name in means}
 
-    def _finalize(self, plan, waves, states, layouts, treedef):
-        xp = jnp if self.on_device else np
-        by_pair: dict[tuple[int, int], dict] = {}
-        for wave, moments in zip(waves, states):
-            merged = _accumulate.merge_axis(moments, 0)
-            means = _accumulate.mean(merged, wave.program.kernel_shapes)
-            if not self.on_device:
-                means = jax.device_get(means)
-            for pos, pair in enumerate(wave.pairs):
-                if pair is not None:
-                    by_pair[pair] = jax.tree.map(lambda v, pos=pos: v[pos], means)
-        order = plan.pairs()
-        out = {}
-        for name in by_pair[order[0]]:
-            per_leaf = [jax.tree.leaves(by_pair[pair][name]) for pair in order]
-            leaves = []
-            for i, where in enumerate(layouts):
-                stacked = xp.stack([blocks[i] for blocks in per_leaf])
-                full = stacked[0] if where is None else plan.assemble(xp, stacked, where)
-                if self.on_device:
-                    full = _placement.put(full, _placement.output_sharding(self.devices,
-                                                                           full.shape))
-                leaves.append(full)
-            out[name] = jax.tree.unflatten(treedef, leaves)
-        return out, treedef
+        def on_failure(failures, state, committed):
+            _check_failure(failures, state.done, waves, plan, committed)
+
+        groups = list(plan.groups().values())
+        spec = _run.Run(waves, groups, self.key, counts, self.on_device, finalize, on_failure)
+        if run.checkpoint_dir is None:
+            return self._iterate(spec, run, None, treedef)
+        like = _run.canonical_like(waves, groups, run.stderr)
+        fingerprint = self._fingerprint(identity, waves, like, run)
+        open_store = lambda: _checkpoint.Store(run.checkpoint_dir, fingerprint,
+                                               jax.tree.leaves(like), counts)
+        store = open_store()
+        try:  # refuse another computation's checkpoint now, not at the first estimate
+            _run.preflight(store, counts)
+        finally:
+            store.close()
+        return self._iterate(spec, run, open_store, treedef)
+
+    @staticmethod
+    def _iterate(spec, run, open_store, treedef):
+        """Runs :func:`_run.iterate` with a store opened for the run (closed after)."""
+        store = None if open_store is None else open_store()
+        try:
+            for values, _ in _run.iterate(spec, run, store):
+                yield values, treedef
+        finally:
+            if store is not None:
+                store.close()
+
+    def _fingerprint(self, identity, waves, like, run) -> _checkpoint.Fingerprint:
+        """What the run estimates, for :mod:`mcntk._checkpoint`: the settings, key,
+        inputs, parameter structure and state shapes exactly, and a probe (the first
+        sample's kernels on the first block, which tell apart models of the same
+        parameter structure)."""
+        call, names, params_struct, blocks1 = identity
+        key = self.key
+        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        key_part = (_run.key_data(key), str(jax.random.key_impl(key)) if typed else "raw",
+                    jax.config.jax_threefry_partitionable)
+        settings = (sorted(names), repr(self.spec.axes), repr(self.spec.vmap_axes),
+                    self.batch_size, run.stderr, jax.config.jax_enable_x64)
+
+        def side(s):
+            if s is None:
+                return "x2=None"
+            return (str(jax.tree.structure(s.x)), jax.tree.leaves(s.x), s.names, list(s.dyn))
+
+        inputs = (side(call.side1), side(call.side2), repr(call.static))
+        structure = lambda t: (str(jax.tree.structure(t)),
+                               [(v.shape, str(v.dtype)) for v in jax.tree.leaves(t)])
+        probe = lambda: _checkpoint.probe_values(
+            _run.probe(waves, self.key, run.stderr, self.on_device))
+        return _checkpoint.Fingerprint(
+            {"format": str(_checkpoint.FORMAT),
+             "settings": _checkpoint.digest(settings),
+             "key": _checkpoint.digest(key_part),
+             "inputs": _checkpoint.digest(inputs),
+             "model": _checkpoint.digest(structure(params_struct)),
+             "state": _checkpoint.digest(structure(like))}, probe)
+
+    def _finalize(self, plan, waves, states, layouts, treedef, stat=_accumulate.mean):
+        """``({name: kernel pytree}, treedef)`` from the waves' moments: on the devices
+        used, laid out by :func:`_placement.output_sharding` (one compiled program,
+        no kernel-sized copy on every device), or NumPy arrays on every process."""
+        if self.on_device:
+            key = (stat, plan.n1, plan.n2, plan.b1, plan.b2, plan.symmetric, plan.mirror,
+                   plan.diagonal, tuple(layouts), jax.tree.structure(states),
+                   tuple((tuple(w.pairs), w.program.placement,
+                          tuple(jax.tree.leaves(w.program.kernel_shapes)),
+                          jax.tree.structure(w.program.kernel_shapes)) for w in waves))
+            cache = self.__dict__.setdefault("_assemblers", {})
+            if key not in cache:
+                assemble = lambda states: _assemble(jnp, plan, waves, states, layouts, stat)
+                shapes = jax.eval_shape(assemble, states)
+                out_shardings = jax.tree.map(
+                    lambda s: _placement.output_sharding(self.devices, s.shape), shapes)
+                if len(cache) >= 16:
+                    cache.clear()
+                cache[key] = jax.jit(assemble, out_shardings=out_shardings)
+            out = cache[key](states)
+        else:
+            with jax.default_device(_placement.host_device()):
+                out = _assemble(np, plan, waves, states, layouts, stat)
+        return {name: jax.tree.unflatten(treedef, leaves) for name, leaves in out.items()}, treedef
 
 
 class _Wave(NamedTuple):
@@ -431,18 +534,61 @@ class _Wave(NamedTuple):
         p = self.program.placement
         return p.sharding(_placement.SAMPLES, _placement.BLOCKS)
 
-    def zeros(self):
-        p = self.program.placement
-        moments = _accumulate.init(self.program.kernel_shapes, False, (p.ds, len(self.pairs)))
-        return _placement.put(moments, self.moments_sharding())
+
+def _then_fetch(advance: Callable) -> Callable:
+    """``advance`` whose moments come back as NumPy arrays on every process."""
+    def run(*args):
+        moments, failure, key = advance(*args)
+        return _placement.fetch(moments), failure, key
+    return run
 
 
-def _check_failure(failure, done, wave) -> None:
-    sample = np.asarray(failure.sample)
-    if (sample == _sampler.NO_FAILURE).all():
+def _assemble(xp, plan: _grid.GridPlan, waves, states, layouts,
+              stat=_accumulate.mean) -> dict[str, list]:
+    """``{name: [kernel leaf]}``: ``stat`` (the mean, or the standard error) of each
+    block, assembled with ``xp`` (jnp inside a jit, or NumPy from host moments)."""
+    means, position, offset = [], {}, 0
+    for wave, moments in zip(waves, states):
+        position.update({pair: offset + pos for pos, pair in enumerate(wave.pairs)
+                         if pair is not None})
+        offset += len(wave.pairs)
+        m = stat(_accumulate.merge_axis(moments, 0), wave.program.kernel_shapes)
+        means.append(m if xp is jnp else jax.device_get(m))
+    means = jax.tree.map(lambda *v: xp.concatenate(v), *means)
+    order = np.asarray([position[pair] for pair in plan.pairs()])
+    out = {}
+    for name, kernels in means.items():
+        out[name] = [leaf[order[0]] if where is None else plan.assemble(xp, leaf[order], where)
+                     for leaf, where in zip(jax.tree.leaves(kernels), layouts)]
+    return out
+
+
+def _check_failure(failures, done, waves, plan, committed) -> None:
+    """Raises :class:`NonFiniteSampleError` for the first non-finite sample the waves
+    met in a call that started at sample ``done``."""
+    first = None
+    for wave, failure in zip(waves, failures):
+        sample = np.asarray(_placement.fetch(failure.sample))
+        if (sample == _sampler.NO_FAILURE).all():
+            continue
+        where = np.unravel_index(np.argmin(sample), sample.shape)
+        if first is None or sample[where] < first[0]:
+            first = (int(sample[where]), wave, failure, where)
+    if first is None:
         return
-    where = np.unravel_index(np.argmin(sample), sample.shape)
-    block = wave.pairs[int(np.asarray(failure.block)[where])]
-    raise FloatingPointError(
-        f"sample {done + int(sample[where])} (0-based) gave a non-finite kernel (NaN or Inf) "
-        f"in block {block} of the grid; it was not added to the estimate.")
+    t, wave, failure, where = first
+    block = wave.pairs[int(np.asarray(_placement.fetch(failure.block))[where])]
+    leaf = int(np.asarray(_placement.fetch(failure.leaf))[where])
+    path = jax.tree_util.tree_flatten_with_path(wave.program.kernel_shapes)[0][leaf][0]
+    kernel = path[0].key + jax.tree_util.keystr(tuple(path[1:]))
+    i, j = block
+    rows = lambda k, b, n: f"{k * b}..{min((k + 1) * b, n) - 1}"
+    other = "x1" if plan.symmetric else "x2"
+    saved = ("" if committed is None else
+             f" The last commit in `checkpoint_dir` ({committed} samples) is intact.")
+    raise NonFiniteSampleError(
+        f"sample {done + t} (0-based) gave a non-finite '{kernel}' kernel (NaN or Inf) in "
+        f"block {block} of the grid (x1 examples {rows(i, plan.b1, plan.n1)}, {other} "
+        f"examples {rows(j, plan.b2, plan.n2)}); it was not added to the estimate.{saved} "
+        f"See mcntk.errors.NonFiniteSampleError.",
+        done + t, kernel, block, committed)

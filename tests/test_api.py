@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.example_libraries import stax
-from mcntk_reference import kernels, stax_serial
+from mcntk_reference import kernels, monte_carlo, stax_serial
 
 import mcntk
 from mcntk.ntk import auto
@@ -71,10 +71,15 @@ def test_get_forms(mlp):
     assert type(pair).__name__ == "MonteCarloKernel" and pair._fields == ("nngp", "ntk")
     single = kf(x, None, "Ntk")
     assert isinstance(single, jax.Array)
-    np.testing.assert_allclose(single, both.ntk, rtol=1e-6)
-    np.testing.assert_allclose(ntk_first.nngp, both.nngp, rtol=1e-6)
     only = kf(x, None, ("nngp",))
     assert only._fields == ("nngp",)
+    # every value against the brute-force reference, not against another get form
+    expected = monte_carlo(init_fn, apply_fn, jax.random.PRNGKey(0), 2, x)
+    for result in (both, ntk_first, pair, only):
+        for name in result._fields:
+            np.testing.assert_allclose(getattr(result, name), expected[name], rtol=1e-4,
+                                       atol=1e-5)
+    np.testing.assert_allclose(single, expected["ntk"], rtol=1e-4, atol=1e-5)
     emp = mcntk.empirical_kernel_fn(apply_fn)
     params = init_fn(jax.random.PRNGKey(0), x.shape)[1]
     assert type(emp(x, None, None, params)) is mcntk.EmpiricalKernel
@@ -108,17 +113,17 @@ def test_only_requested_kernels_computed():
 @pytest.mark.parametrize("implementation", [1, 2])
 @pytest.mark.parametrize("x2_none", [True, False])
 def test_one_forward_pass_serves_both(implementation, x2_none):
-    traces = []
-
+    """The computed program holds one forward pass per input (counted as tanh operations
+    in its jaxpr; abstract shape checks do not count: they compute nothing)."""
     def apply_fn(params, x):
-        traces.append(x.shape)
         return jnp.tanh(x @ params)
 
     params = jnp.ones((2, 3))
     x1, x2 = jnp.ones((4, 2)), jnp.full((5, 2), 0.5)
     emp = mcntk.empirical_kernel_fn(apply_fn, implementation=implementation)
-    jax.make_jaxpr(lambda p: emp(x1, None if x2_none else x2, ("nngp", "ntk"), p))(params)
-    assert len(traces) == (1 if x2_none else 2)
+    jaxpr = jax.make_jaxpr(lambda p: emp(x1, None if x2_none else x2, ("nngp", "ntk"), p))(
+        params)
+    assert str(jaxpr).count(" tanh ") == (1 if x2_none else 2), jaxpr
 
 
 def test_empirical_functions_match_reference(mlp):
@@ -130,8 +135,6 @@ def test_empirical_functions_match_reference(mlp):
     nngp = mcntk.empirical_nngp_fn(apply_fn, trace_axes=())(x1, x2, params)
     np.testing.assert_allclose(nngp, ref["nngp"], rtol=1e-4, atol=1e-5)
     for impl in mcntk.NtkImplementation:
-        if impl == mcntk.NtkImplementation.STRUCTURED_DERIVATIVES:
-            continue
         ntk = mcntk.empirical_ntk_fn(apply_fn, (), (), 0, impl)(x1, x2, params)
         np.testing.assert_allclose(ntk, ref["ntk"], rtol=1e-4, atol=1e-5)
 
@@ -142,9 +145,10 @@ def test_empirical_rng_rule():
     params = init_fn(jax.random.PRNGKey(0), x.shape)[1]
     rng = jax.random.PRNGKey(3)
     emp = mcntk.empirical_nngp_fn(apply_fn)
-    same = emp(x, x + 0.0, params, rng=rng)
-    np.testing.assert_allclose(same, emp(x, None, params, rng=rng), rtol=1e-6)
     f1 = apply_fn(params, x, rng=rng)
+    for x2 in (None, x + 0.0):  # f(x2) gets x1's key
+        np.testing.assert_allclose(emp(x, x2, params, rng=rng), f1 @ f1.T / 8, rtol=1e-5,
+                                   atol=1e-6)
     f2 = apply_fn(params, 2 * x, rng=jax.random.fold_in(rng, 1))
     np.testing.assert_allclose(emp(x, 2 * x, params, rng=rng), f1 @ f2.T / 8, rtol=1e-5,
                                atol=1e-6)
@@ -153,34 +157,63 @@ def test_empirical_rng_rule():
 def test_auto_choice_is_cached(monkeypatch, mlp):
     init_fn, apply_fn = mlp
     calls = []
-    real = auto.flops
-    monkeypatch.setattr(auto, "flops", lambda *a: calls.append(1) or real(*a))
+    real = auto.cost
+    monkeypatch.setattr(auto, "cost", lambda *a: calls.append(1) or real(*a))
     x = jax.random.normal(jax.random.PRNGKey(1), (7, 2))
     kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1)
     kf(x, None, "ntk")
     first = len(calls)
-    assert first == len(auto.IMPLEMENTATIONS)
+    assert first == len(auto.IMPLEMENTATIONS) == 3
     kf(x, None, "ntk")
     assert len(calls) == first
     kf(x[:5], None, "ntk")  # a new shape is costed again
     assert len(calls) == 2 * first
 
 
-def test_auto_prefers_cheaper():
-    """Few outputs and a wide layer: contract Jacobians. Many untraced outputs and few
-    parameters: a (n m)^2 x P Jacobian contraction loses to vector products."""
+def _auto_case(widths, n, trace_axes, vmap_axes):
+    """``tanh(x @ w) @ v`` with x (n, d), w (d, h), v (h, k); ``make`` for auto.choose."""
+    d, h, k = widths
+
     def apply_fn(params, x):
         return jnp.tanh(x @ params["w"]) @ params["v"]
 
-    x = jnp.ones((30, 3))
-    cases = [({"w": jnp.ones((3, 2000)), "v": jnp.ones((2000, 1))}, (-1,), 1),
-             ({"w": jnp.ones((3, 10)), "v": jnp.ones((10, 200))}, (), 2)]
-    for params, trace_axes, best in cases:
-        make = lambda impl, options=None, t=trace_axes: (lambda p, a: mcntk.empirical_kernel_fn(
-            apply_fn, t, (), implementation=impl)(a, None, "ntk", p))
-        costs = {impl: auto.flops(make(impl), params, x) for impl in (1, 2)}
-        assert min(costs, key=costs.get) == best, costs
-        assert auto.choose(make, (params, x)).implementation == best
+    params = {"w": jnp.ones((d, h)) / d, "v": jnp.ones((h, k)) / h}
+    x = jnp.ones((n, d))
+
+    def make(impl, options=mcntk.ntk.DEFAULT_OPTIONS):
+        spec = mcntk.empirical.KernelSpec(apply_fn, trace_axes, (), vmap_axes, impl)
+        return lambda p, a: spec.kernels(("ntk",), p, a, None, {}, {}, impl, options)
+
+    return make, (params, x)
+
+
+@pytest.mark.parametrize("case", [((3, 2000, 1), 30, (-1,), None),
+                                  ((3, 10, 200), 30, (), None),
+                                  ((8, 16, 4), 6, (), 0)])
+def test_auto_takes_the_lowest_cost(case):
+    """The choice is the candidate of lowest FLOPs + BYTE_COST x bytes, among all three."""
+    make, args = _auto_case(*case)
+    costing = mcntk.ntk.Options(loop_free=True)
+    details = {impl: auto.cost(make(impl, costing), *args) for impl in auto.IMPLEMENTATIONS}
+    assert set(details) == {1, 2, 3}
+    assert all(0 < d.flops < float("inf") and d.bytes > 0 for d in details.values()), details
+    choice = auto.choose(make, args)
+    totals = {impl: d.flops + auto.BYTE_COST * d.bytes for impl, d in details.items()}
+    assert choice.implementation == min(totals, key=totals.get)
+    assert choice.costs == pytest.approx(totals)
+
+
+def test_auto_prefers_structured_derivatives_for_a_wide_mlp():
+    """Like issue 8's W1 (an MLP 32-512-10, per example): JC materialises Jacobians and
+    VP runs hundreds of VJP/JVP pairs, while SD needs a Gram of layer inputs and one of
+    cotangents per layer."""
+    make, args = _auto_case((32, 512, 10), 64, (-1,), 0)
+    choice = auto.choose(make, args)
+    assert choice.implementation == mcntk.NtkImplementation.STRUCTURED_DERIVATIVES
+    text = str(choice)
+    assert text.startswith("STRUCTURED_DERIVATIVES: lowest estimated cost")
+    for name in ("JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS", "FLOPs", "bytes"):
+        assert name in text
 
 
 def test_import_is_light():
