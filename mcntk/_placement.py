@@ -1,36 +1,49 @@
-"""Placement: which devices compute an estimate, and how its blocks and samples are
-spread over them. Knows nothing of kernels or models.
+"""Placement: which devices compute an estimate, how its blocks and samples are
+spread over them, and how arrays get onto and off them (one process or many).
+Knows nothing of kernels or models. The user-facing account is docs/sharding.md.
 
 The devices come from ``device_count`` (-1: all, 0: one device, k: the first k of
 ``jax.devices()``) or from a user's ``mesh`` (all its devices). For each program
-(a set of blocks of equal shapes) the devices are arranged in an internal 2-D mesh
-``(blocks, samples)``:
+(a set of equally shaped blocks) the devices are arranged in an internal 2-D mesh
+``(blocks, samples)`` of shape ``(db, ds)``:
 
-* by default, blocks are spread over as many devices as there are blocks (the
-  largest divisor ``db`` of the device count that is at most the number of
-  blocks) and samples over the remaining factor ``ds``: 8 devices and 3 blocks give
-  ``db = 2`` block rows, each with ``ds = 4`` devices splitting the samples; one
-  block (``batch_size=0``) puts every device on samples;
+* by default (:func:`block_rows`), ``db`` is the largest divisor of the device
+  count that keeps every device's work within 10% of an even split; samples go
+  over the remaining factor ``ds``. One block (``batch_size=0``) puts every
+  device on samples; 16 blocks on 8 devices give each device 2 blocks and all
+  samples; 3 blocks on 8 devices give every device the 3 blocks and 1/8 of the
+  samples;
 * with ``sample_axes=`` naming axes of a user's mesh, samples go over those mesh
   axes and blocks over the others.
 
-Block ``p`` of a program goes to block row ``p % db`` (so rows get equal shares,
+Block ``p`` of a program goes to block row ``p % db`` (rows get equal shares,
 plus or minus one) and sample ``s`` of a step to sample column ``s % ds``. The key
 schedule does not depend on the placement, so the estimate does not either (up to
 the order of floating-point sums).
+
+With several processes (``jax.distributed.initialize``), the devices are global and
+must include devices of every process, since every process runs the same program.
+Host data (the inputs, the key) must be the same on every process; :func:`put`
+builds global arrays from it without a collective, :func:`check_same` verifies
+it once per call, and :func:`fetch` brings a global array to every process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BLOCKS, SAMPLES = "blocks", "samples"
+
+# the busiest block row may hold this much more than an even share of the blocks
+_BALANCE = 1.1
 
 
 def check_device_count(device_count: Any) -> int:
@@ -83,6 +96,7 @@ def select(device_count: Any, mesh: Any = None, sample_axes: Any = None) -> Devi
             chosen = list(available)
         else:
             chosen = list(available[:device_count])
+        _check_processes(chosen, f"`device_count`={device_count}")
         return Devices(tuple(chosen), None, None)
     if not isinstance(mesh, Mesh):
         raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {mesh!r}.")
@@ -101,31 +115,62 @@ def select(device_count: Any, mesh: Any = None, sample_axes: Any = None) -> Devi
             raise ValueError(f"`sample_axes`={tuple(sample_axes)!r} must name distinct axes "
                              f"of the mesh, whose axes are {mesh.axis_names}.")
         sample_axes = tuple(sample_axes)
+    _check_processes(list(mesh.devices.flat), "`mesh`")
     return Devices(tuple(mesh.devices.flat), mesh, sample_axes)
 
 
+def _check_processes(devices: list, what: str) -> None:
+    """Every process runs the estimator's programs, so each needs a device in them."""
+    if jax.process_count() == 1:
+        return
+    have = {d.process_index for d in devices}
+    missing = sorted(set(range(jax.process_count())) - have)
+    if missing:
+        raise ValueError(
+            f"{what} selects devices of processes {sorted(have)} only, but this is a run of "
+            f"{jax.process_count()} processes and every process runs the estimate, so the "
+            f"devices must include devices of every process (missing: {missing}). Use "
+            f"`device_count`=-1 or a `mesh` over jax.devices().")
+
+
 class Placement(NamedTuple):
-    """The internal ``(blocks, samples)`` mesh of one program.
+    """The devices of one program as a ``(blocks, samples)`` grid of ``db x ds``.
 
     Attributes:
-      mesh: a Mesh with axes ``('blocks', 'samples')`` of shape ``(db, ds)``.
+      mesh: the mesh: an internal one with axes ``('blocks', 'samples')``, or the
+        user's mesh.
+      blocks: the mesh axes over which blocks are split (``db`` = their product).
+      samples: the mesh axes over which samples are split (``ds`` = their product).
     """
 
     mesh: Mesh
+    blocks: tuple[str, ...] = (BLOCKS,)
+    samples: tuple[str, ...] = (SAMPLES,)
 
     @property
     def db(self) -> int:
-        return self.mesh.shape[BLOCKS]
+        return math.prod(self.mesh.shape[a] for a in self.blocks)
 
     @property
     def ds(self) -> int:
-        return self.mesh.shape[SAMPLES]
+        return math.prod(self.mesh.shape[a] for a in self.samples)
 
-    def sharding(self, *spec: Any) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec(*spec))
+    def spec(self, *parts: str | None) -> PartitionSpec:
+        """A PartitionSpec whose entries ``BLOCKS``/``SAMPLES`` stand for those axes."""
+        axes = {BLOCKS: self.blocks, SAMPLES: self.samples, None: ()}
+        return PartitionSpec(*(axes[p] or None for p in parts))
+
+    def sharding(self, *parts: str | None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(*parts))
 
     def replicated(self) -> NamedSharding:
         return self.sharding()
+
+    def index(self, part: str) -> Any:
+        """Inside ``shard_map``: this device's block row (``BLOCKS``) or sample
+        column (``SAMPLES``)."""
+        axes = self.blocks if part == BLOCKS else self.samples
+        return jax.lax.axis_index(axes) if axes else 0
 
     def layout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """``(order, valid)`` for ``count`` blocks: position ``r * q + u`` of the stacked
@@ -137,33 +182,144 @@ class Placement(NamedTuple):
         return np.where(valid, order, 0).astype(np.int32), valid
 
 
+def block_rows(n_devices: int, n_blocks: int) -> int:
+    """The default number of block rows ``db`` (a divisor of ``n_devices``).
+
+    A device's work is ``ceil(n_blocks / db)`` blocks times ``1 / ds`` of the
+    samples, i.e. proportional to ``ceil(n_blocks / db) * db``, which is smallest
+    (``n_blocks``) when ``db`` divides ``n_blocks``. Among the divisors within
+    :data:`_BALANCE` of that, the largest wins: more block rows means fewer blocks
+    (moments in memory) per device.
+    """
+    n_blocks = max(1, n_blocks)
+    divisors = [k for k in range(1, n_devices + 1) if n_devices % k == 0]
+    work = {k: math.ceil(n_blocks / k) * k for k in divisors}
+    return max(k for k in divisors if work[k] <= _BALANCE * n_blocks or k == 1)
+
+
 def place(devices: Devices, n_blocks: int) -> Placement:
     """The placement of a program of ``n_blocks`` blocks on ``devices``."""
+    mesh = devices.mesh
+    if mesh is not None and devices.sample_axes is not None:
+        # the user's mesh as it is (its device order), so results combine with its arrays
+        blocks = tuple(a for a in mesh.axis_names if a not in devices.sample_axes)
+        return Placement(mesh, blocks, devices.sample_axes)
     d = devices.count
-    if devices.mesh is not None and devices.sample_axes is not None:
-        mesh = devices.mesh
-        block_axes = [a for a in mesh.axis_names if a not in devices.sample_axes]
-        order = [mesh.axis_names.index(a) for a in block_axes + list(devices.sample_axes)]
-        arr = np.transpose(mesh.devices, order)
-        ds = math.prod(mesh.shape[a] for a in devices.sample_axes)
-        return Placement(Mesh(arr.reshape(d // ds, ds), (BLOCKS, SAMPLES)))
-    db = max(k for k in range(1, d + 1) if d % k == 0 and k <= max(1, n_blocks))
+    db = block_rows(d, n_blocks)
     arr = np.array(devices.devices, dtype=object).reshape(db, d // db)
     return Placement(Mesh(arr, (BLOCKS, SAMPLES)))
 
 
 def output_sharding(devices: Devices, shape: tuple[int, ...]) -> NamedSharding:
-    """A sharding of an array of ``shape`` over all ``devices``: along the largest axis
-    whose size the device count divides, else replicated."""
-    mesh = Mesh(np.array(devices.devices, dtype=object), ("devices",))
+    """A sharding of an array of ``shape`` over all ``devices``.
+
+    The device count ``d`` is factored over the array's axes, each factor dividing
+    its axis, so that as many devices as possible hold distinct pieces; what is
+    left of ``d`` replicates them (e.g. ``(6, 5)`` on 8 devices: 2 pieces along
+    axis 0, each on 4 devices). Among equally good splits, fewer split axes and
+    then the larger axes win.
+    """
     d = devices.count
-    candidates = [i for i, n in enumerate(shape) if n % d == 0 and n >= d]
-    if d == 1 or not candidates:
-        return NamedSharding(mesh, PartitionSpec())
-    axis = max(candidates, key=lambda i: shape[i])
-    return NamedSharding(mesh, PartitionSpec(*([None] * axis), "devices"))
+    factors = _factor(d, tuple(shape))
+    split = [i for i, f in enumerate(factors) if f > 1]
+    names = tuple(f"a{i}" for i in split) + ("rest",)
+    sizes = tuple(factors[i] for i in split) + (d // math.prod(factors),)
+    mesh = Mesh(np.array(devices.devices, dtype=object).reshape(sizes), names)
+    spec = [f"a{i}" if factors[i] > 1 else None for i in range(len(shape))]
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _factor(d: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-axis factors ``f_i | shape[i]`` with ``prod f_i | d``: the most devices
+    with distinct pieces, then the fewest split axes, then the largest, then the
+    first."""
+    best: tuple = ()
+    best_score: tuple = ()
+
+    def search(i: int, left: int, chosen: tuple) -> None:
+        nonlocal best, best_score
+        if i == len(shape):
+            split = [shape[j] for j, f in enumerate(chosen) if f > 1]
+            score = (math.prod(chosen), -len(split), sorted(split, reverse=True))
+            if not best or score > best_score:
+                best, best_score = chosen, score
+            return
+        for f in range(left, 0, -1):
+            if left % f == 0 and shape[i] % f == 0:
+                search(i + 1, left // f, chosen + (f,))
+
+    search(0, d, ())
+    return best
+
+
+# --- moving data ----------------------------------------------------------------------
 
 
 def put(tree: Any, sharding: NamedSharding) -> Any:
-    """``tree`` placed with ``sharding`` (every leaf)."""
-    return jax.device_put(tree, sharding)
+    """``tree`` placed with ``sharding`` (every leaf).
+
+    Host data (NumPy arrays, arrays on one local device) must be the same on every
+    process when ``sharding`` spans several; it is not re-checked here (see
+    :func:`check_same`), so no collective runs.
+    """
+    return jax.tree.map(lambda v: _put_leaf(v, sharding), tree)
+
+
+def _put_leaf(value: Any, sharding: NamedSharding) -> Any:
+    global_array = isinstance(value, jax.Array) and not value.is_fully_addressable
+    if global_array or sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        data = _put_leaf(jax.random.key_data(value), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def fetch(tree: Any) -> Any:
+    """``tree`` as NumPy arrays, in full, on every process.
+
+    One process: ``jax.device_get``. Several: arrays spanning other processes'
+    devices are all-gathered (every device receives the whole array, then each
+    process copies one replica to host memory).
+    """
+    def one(v):
+        if isinstance(v, jax.Array) and not v.is_fully_addressable:
+            return multihost_utils.process_allgather(v, tiled=True)
+        return jax.device_get(v)
+    return jax.tree.map(one, tree)
+
+
+def check_same(tree: Any, what: str) -> None:
+    """Raises ValueError unless ``tree`` (host data) is equal on every process.
+
+    Compares a digest of the bytes, so the collective moves 16 bytes, not the data.
+    """
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.blake2b(digest_size=16)
+    for leaf in jax.tree.leaves(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            continue  # already global: one value by construction
+        host = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{host.dtype}{host.shape}".encode())
+        digest.update(host.tobytes())
+    mine = np.frombuffer(digest.digest(), np.uint32)
+    everyone = multihost_utils.process_allgather(mine)
+    if not (everyone == mine).all():
+        raise ValueError(
+            f"{what} differ between processes. In a multi-process run every process calls "
+            f"kernel_fn with the same values (the same x1, x2, keyword arrays and key), "
+            f"e.g. loaded from the same file or drawn from the same seed.")
+
+
+def host_device() -> Any:
+    """A local CPU device for work on host data, or None (the default device)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None

@@ -56,8 +56,9 @@ def split_chain(key: Any, n: Any) -> Any:
 
 
 class Failure(NamedTuple):
-    """The first non-finite sample a device met: sample index within the step, block
-    position and kernel leaf index (``NO_FAILURE`` in all three if none)."""
+    """The first non-finite sample: its number within the call, the position of its
+    block in the stacked blocks and the kernel leaf index (``NO_FAILURE`` in all
+    three if none). Scalars, replicated, so every process can read them."""
 
     sample: Any
     block: Any
@@ -65,7 +66,8 @@ class Failure(NamedTuple):
 
 
 class Program(NamedTuple):
-    """``advance(moments, key, n, inputs) -> (moments, failures)``, compiled once.
+    """``advance(moments, key, n, inputs) -> (moments, failure, next_key)``, compiled
+    once; ``failure`` and ``next_key`` are replicated.
 
     ``inputs`` is a :class:`ProgramInputs`; ``moments`` have leading axes
     ``(ds, db * q)``, sharded over the placement's ``(samples, blocks)`` axes.
@@ -158,7 +160,8 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         """One device: its ``q`` blocks; its samples ``r, r + ds, ...`` of ``0 .. n-1``,
         ``c`` at a time."""
         moments = jax.tree.map(lambda v: v[0], moments)
-        r = jax.lax.axis_index(SAMPLES)
+        r = placement.index(SAMPLES)
+        row = placement.index(BLOCKS)  # this device's blocks are row * per_row + p
         local = jnp.maximum(n - r + ds - 1, 0) // ds
 
         def step(u, carry):
@@ -189,9 +192,11 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                         ok = jnp.all(finite)
                         mine = _accumulate.update(mine, k, ok & live[s])
                         first = (~ok) & live[s] & (t[s] < failure.sample)
-                        failure = Failure(jnp.where(first, t[s], failure.sample),
-                                          jnp.where(first, p, failure.block),
-                                          jnp.where(first, jnp.argmin(finite), failure.leaf))
+                        i32 = lambda v: jnp.asarray(v, jnp.int32)  # int64 under x64
+                        failure = Failure(
+                            jnp.where(first, i32(t[s]), failure.sample),
+                            jnp.where(first, i32(row * per_row + p), failure.block),
+                            jnp.where(first, i32(jnp.argmin(finite)), failure.leaf))
                     moments = jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine)
                     return moments, failure
 
@@ -208,17 +213,25 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         failure = jax.tree.map(lambda v: jnp.reshape(v, (1, 1)), failure)
         return moments, failure
 
-    rows = placement.sharding(SAMPLES, BLOCKS).spec
-    by_block = placement.sharding(BLOCKS).spec
-    rep = placement.replicated().spec
+    rows = placement.sharding(SAMPLES, BLOCKS)
+    by_block = placement.spec(BLOCKS)
+    rep = placement.replicated()
+    # check_vma=False: a sample's params are drawn inside, the same on every block row
+    # (not varying over the block axes). Under varying-axis checks, differentiating
+    # with respect to such values transposes an implicit pvary into a psum: the NTK's
+    # VJPs would sum Jacobians over the rows (JAX 0.10.2 rejects this program instead).
+    # tests/test_sharding_devices.py::test_no_cross_device_jacobian_sum guards it.
     sharded = jax.shard_map(
         device, mesh=placement.mesh,
-        in_specs=(rows, rep, rep, by_block, by_block, by_block, rep, rep, rep),
-        out_specs=(rows, rows), check_vma=False)
+        in_specs=(rows.spec, rep.spec, rep.spec, by_block, by_block, by_block, rep.spec,
+                  rep.spec, rep.spec),
+        out_specs=(rows.spec, rows.spec), check_vma=False)
 
     def advance(moments, key, n, inputs: ProgramInputs):
         moments, failure = sharded(moments, key, n, inputs.pairs, inputs.valid, inputs.same,
                                    inputs.blocks1, inputs.blocks2, inputs.init_args)
+        first = jnp.argmin(failure.sample.ravel())  # the earliest sample, any device
+        failure = jax.tree.map(lambda v: v.ravel()[first], failure)
         return moments, failure, split_chain(key, n)
 
-    return Program(jax.jit(advance), placement, kernel_shapes)
+    return Program(jax.jit(advance, out_shardings=(rows, rep, rep)), placement, kernel_shapes)
