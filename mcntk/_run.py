@@ -113,7 +113,7 @@ def advance(state: RunState, waves: list, n: int, on_device: bool) -> tuple[RunS
         rep = wave.program.placement.replicated()
         m, failure, key = wave.program.advance(m, _placement.put(state.key, rep),
                                                _placement.put(count, rep), wave.inputs)
-        moments.append(m if on_device else jax.device_get(m))
+        moments.append(m if on_device else _placement.fetch(m))
         failures.append(failure)
     return RunState(state.done + n, key, tuple(moments)), failures
 

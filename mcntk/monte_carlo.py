@@ -140,16 +140,18 @@ def monte_carlo_kernel_fn(
         device, ``k`` the first ``k`` devices of ``jax.devices()``. Blocks of the grid
         and samples are spread over them (docs/sharding.md); the estimate does not
         depend on it (up to the order of floating-point sums).
-      store_on_device: ``False`` returns NumPy arrays and moves each finished block
-        to host memory.
+      store_on_device: ``True`` returns ``jax.Array`` kernels laid out over the devices
+        used; ``False`` returns NumPy arrays, moving each finished block to host
+        memory. With several processes, True returns a global ``jax.Array`` and False
+        the full NumPy kernel on every process (docs/sharding.md).
       trace_axes, diagonal_axes: the axes rule, see docs/axes.md.
       vmap_axes: batch axes of the model, see docs/axes.md.
       implementation: an :class:`NtkImplementation`; AUTO picks by cost per shape.
       mesh: a ``jax.sharding.Mesh`` whose devices compute the estimate (instead of
         ``device_count``); any axis names and shape.
       sample_axes: names of ``mesh`` axes over which samples are split (blocks go
-        over the other axes). Default: blocks over as many devices as there are
-        blocks, samples over the rest (docs/sharding.md).
+        over the other axes). Default: as many block rows as keep each device's work
+        within 10% of an even split, samples over the rest (docs/sharding.md).
       stderr: ``True`` returns each kernel as an :class:`mcntk.Estimate`
         ``(mean, stderr, n_samples)``: ``mean`` is the array returned without it,
         ``stderr`` the standard error of the mean per entry. See docs/long_runs.md
@@ -227,6 +229,7 @@ class _Estimator:
         self.rng = _apply.accepts_rng(spec.apply_fn)
         self.options = ntk.Options(platform=devices.platform)
         self._programs: dict[Any, _sampler.Program] = {}
+        self._assemblers: dict[Any, Callable] = {}  # jitted finalize per plan and layout
 
     # --- shapes and the plan -------------------------------------------------------
 
@@ -507,7 +510,7 @@ class _Estimator:
                    tuple((tuple(w.pairs), w.program.placement,
                           tuple(jax.tree.leaves(w.program.kernel_shapes)),
                           jax.tree.structure(w.program.kernel_shapes)) for w in waves))
-            cache = self.__dict__.setdefault("_assemblers", {})
+            cache = self._assemblers
             if key not in cache:
                 assemble = lambda states: _assemble(jnp, plan, waves, states, layouts, stat)
                 shapes = jax.eval_shape(assemble, states)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from mcntk._types import NtkImplementation
 from mcntk.errors import NotYetImplementedError
-from mcntk.ntk import jacobian_contraction, vector_products
+from mcntk.ntk import jacobian_contraction, structured_derivatives, vector_products
 from mcntk.ntk._sides import DEFAULT_OPTIONS, Axes, NtkFn, Options, Side, nngp
 
 IMPLEMENTATIONS: dict[NtkImplementation, NtkFn] = {
     NtkImplementation.JACOBIAN_CONTRACTION: jacobian_contraction.ntk,
     NtkImplementation.NTK_VECTOR_PRODUCTS: vector_products.ntk,
+    NtkImplementation.STRUCTURED_DERIVATIVES: structured_derivatives.ntk,
 }
 
 
@@ -19,10 +20,10 @@ def get(implementation: NtkImplementation) -> NtkFn:
     try:
         return IMPLEMENTATIONS[implementation]
     except KeyError:
+        available = ", ".join(i.name for i in IMPLEMENTATIONS)
         raise NotYetImplementedError(
             f"`implementation`={implementation!r} is not available yet; use "
-            "NtkImplementation.AUTO, JACOBIAN_CONTRACTION or NTK_VECTOR_PRODUCTS, which "
-            "compute the same kernel."
+            f"NtkImplementation.AUTO or one of {available}, which compute the same kernel."
         ) from None
 
 
