@@ -114,6 +114,8 @@ def main():
     parser.add_argument("--limit", type=float, default=60.0,
                         help="skip a configuration whose single call exceeds this many seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="WORKLOAD:IMPL",
+                        help="configurations not to run (reported as null), e.g. W3:1")
     parser.add_argument("--_child", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
@@ -128,6 +130,10 @@ def main():
     for name in ([args.only] if args.only else WORKLOADS):
         results[name] = {}
         for impl in IMPLS:
+            if f"{name}:{impl}" in args.skip:
+                results[name][str(impl)] = None
+                print(f"{name} impl {impl}: not run (--skip)", file=sys.stderr, flush=True)
+                continue
             r = _run_config(name, impl, args.repeats, args.limit)
             results[name][str(impl)] = r["seconds"]
             shown = "skipped" if r["seconds"] is None else f"{r['seconds']:.3f} s"

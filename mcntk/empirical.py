@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from mcntk import _apply, _axes, _inputs, ntk
+from mcntk import _apply, _axes, _independence, _inputs, ntk
 from mcntk._types import (
     NtkImplementation,
     PyTree,
@@ -29,9 +29,11 @@ class KernelSpec:
 
     def __init__(self, apply_fn: Callable, trace_axes: Any = (-1,), diagonal_axes: Any = (),
                  vmap_axes: Any = None,
-                 implementation: Any = NtkImplementation.AUTO):
+                 implementation: Any = NtkImplementation.AUTO, detect_vmap_axes: bool = True):
         if not callable(apply_fn):
             raise TypeError(f"`apply_fn` must be callable, got {apply_fn!r}.")
+        if not isinstance(detect_vmap_axes, bool):
+            raise TypeError(f"`detect_vmap_axes` must be a bool, got {detect_vmap_axes!r}.")
         trace = _axes.check_axes_arg(trace_axes, "trace_axes")
         diagonal = _axes.check_axes_arg(diagonal_axes, "diagonal_axes")
         _axes.check_disjoint_static(trace, diagonal)
@@ -41,30 +43,52 @@ class KernelSpec:
         self.implementation = unpack_implementation(implementation)
         ntk.check_available(self.implementation)
         self.auto_choices: dict[Hashable, auto.Choice] = {}  # AUTO's choice per signature
+        self.detect_vmap_axes = detect_vmap_axes
+        # per call signature: whether the examples are independent (vmap_axes=None)
+        self.independence: dict[Hashable, _independence.Decision] = {}
         self._checked: set = set()  # signatures checked for a traced example axis
 
     def side(self, apply_fn: Callable, params: PyTree, x: PyTree, kwargs: dict,
-             per_example: bool) -> ntk.Side:
+             vmap_axes: _apply.VmapAxes | None) -> ntk.Side:
         fn = lambda p: apply_fn(p, x, **kwargs)
         pe = None
-        if per_example and self.vmap_axes is not None:
-            pe = _apply.per_example(apply_fn, self.vmap_axes, params, x, kwargs)
+        if vmap_axes is not None:
+            pe = _apply.per_example(apply_fn, vmap_axes, params, x, kwargs)
         return ntk.Side(fn, x, pe)
+
+    def per_example_axes(self, key: Hashable | None, params: PyTree,
+                         sides: list[_inputs.Side], rng: Any = None) -> _apply.VmapAxes | None:
+        """The ``vmap_axes`` of the NTK's per-example derivatives: those declared, else
+        those :mod:`mcntk._independence` proves for these sides (remembered in
+        ``self.independence`` under ``key``), else None."""
+        if self.vmap_axes is not None or not self.detect_vmap_axes:
+            return self.vmap_axes
+        decision = self.independence.get(key) if key is not None else None
+        if decision is None:
+            decision = _independence.decide(self.apply_fn, params, sides, rng)
+            if key is not None:
+                if len(self.independence) >= auto.CACHE_LIMIT:
+                    self.independence.clear()
+                self.independence[key] = decision
+        return decision.vmap_axes
 
     def kernels(self, names: tuple[str, ...], params: PyTree, x1: PyTree, x2: PyTree | None,
                 kw1: dict, kw2: dict, implementation: NtkImplementation | None = None,
-                options: ntk.Options = ntk.DEFAULT_OPTIONS) -> dict[str, PyTree]:
+                options: ntk.Options = ntk.DEFAULT_OPTIONS,
+                vmap_axes: _apply.VmapAxes | None = None) -> dict[str, PyTree]:
         """The kernels ``names`` of one parameter sample; ``x2=None`` reuses ``f(x1)``.
 
         Traceable. ``implementation`` must be concrete (AUTO resolved by the caller).
+        ``vmap_axes`` (from :meth:`per_example_axes`) replaces the declared ones.
         """
         want_ntk = "ntk" in names
+        axes = (self.vmap_axes if vmap_axes is None else vmap_axes) if want_ntk else None
         # only floating-point leaves are parameters; integer leaves (counters, ids)
         # are held fixed, like a framework's non-trainable state
         trainable, merge = _apply.split_trainable(params)
         apply_fn = lambda p, x, **kw: self.apply_fn(merge(p), x, **kw)
-        side1 = self.side(apply_fn, trainable, x1, kw1, want_ntk)
-        side2 = None if x2 is None else self.side(apply_fn, trainable, x2, kw2, want_ntk)
+        side1 = self.side(apply_fn, trainable, x1, kw1, axes)
+        side2 = None if x2 is None else self.side(apply_fn, trainable, x2, kw2, axes)
         params = trainable
         out: dict[str, PyTree] = {}
         if want_ntk:
@@ -74,9 +98,10 @@ class KernelSpec:
             fx1 = side1.fn(params)
             fx2 = fx1 if side2 is None else side2.fn(params)
         if "nngp" in names:
-            if side1.per_example is not None and "rng" in kw1:
+            if side1.per_example is not None and "rng" in kw1 and self.vmap_axes is not None:
                 # random streams are drawn per call: the NNGP sees the whole batch's draws,
                 # as neural-tangents' does, whatever the NTK's per-example calls saw
+                # (detected per-example axes come with a proof that nothing is drawn)
                 fx1 = side1.fn(params)
                 fx2 = fx1 if side2 is None else side2.fn(params)
             out["nngp"] = ntk.nngp(self.axes, fx1, fx2, options)
@@ -126,31 +151,44 @@ class KernelSpec:
         dyn, rebuild, static = _apply.partition_static((kw1, kw2))
         self._check_call(params, x1, x2, kw1, kw2)
 
-        def make_fn(impl, options=ntk.DEFAULT_OPTIONS):
-            def fn(p, a, b, d):
-                k1, k2 = rebuild(d)
-                return self.kernels(names, p, a, b, k1, k2, impl, options)
-            return fn
-
         args = (params, x1, x2, dyn)
         key = (names, auto.signature(*args), static)
         try:
             hash(key)
         except TypeError:
             key = None
+        vmap = None
+        if "ntk" in names:
+            pairs = {k for k, v in kwargs.items()
+                     if k != "rng" and isinstance(v, tuple) and len(v) == 2}
+            sides = [_inputs._side(x, kw, pairs, None, name) for x, kw, name in
+                     ((x1, kw1, "x1"), (x2, kw2, "x2")) if x is not None]
+            vmap = self.per_example_axes(key and (*key[1:], frozenset(pairs)), params, sides)
+
+        def make_fn(impl, options=ntk.DEFAULT_OPTIONS):
+            def fn(p, a, b, d):
+                k1, k2 = rebuild(d)
+                return self.kernels(names, p, a, b, k1, k2, impl, options, vmap)
+            return fn
+
         impl = self.resolve(names, make_fn, args, key)
         return make_fn(impl)(*args)
 
 
 def empirical_kernel_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any = (),
                         vmap_axes: Any = None,
-                        implementation: Any = NtkImplementation.AUTO) -> Callable:
+                        implementation: Any = NtkImplementation.AUTO, *,
+                        detect_vmap_axes: bool = True) -> Callable:
     """Returns ``kernel_fn(x1, x2=None, get=None, params=None, **apply_fn_kwargs)``.
 
     The returned function computes the NNGP ``f(x1) f(x2)^T`` and/or the NTK
     ``J(x1) J(x2)^T`` of ``f`` at ``params``, with the axes rule of
     ``trace_axes``/``diagonal_axes``. ``get`` is ``None`` (an ``EmpiricalKernel``),
     ``'nngp'``/``'ntk'`` (an array) or a tuple of names (a namedtuple).
+
+    With ``vmap_axes=None`` and ``detect_vmap_axes=True``, the NTK uses per-example
+    derivatives when the model provably treats its examples independently
+    (docs/axes.md); ``kernel_fn.independence`` holds each call signature's decision.
 
     Example:
       >>> import jax, mcntk
@@ -162,7 +200,8 @@ def empirical_kernel_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any
       >>> kernel_fn(x, None, 'ntk', params).shape
       (3, 3)
     """
-    spec = KernelSpec(f, trace_axes, diagonal_axes, vmap_axes, implementation)
+    spec = KernelSpec(f, trace_axes, diagonal_axes, vmap_axes, implementation,
+                      detect_vmap_axes)
 
     def kernel_fn(x1, x2=None, get=None, params=None, **apply_fn_kwargs):
         names, single = canonicalize_get(get)
@@ -173,6 +212,7 @@ def empirical_kernel_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any
         return pack_result(values, names, single, "EmpiricalKernel", treedef,
                            asked_none=get is None)
 
+    kernel_fn.independence = spec.independence
     return kernel_fn
 
 
@@ -188,13 +228,19 @@ def empirical_nngp_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any =
 
 def empirical_ntk_fn(f: Callable, trace_axes: Any = (-1,), diagonal_axes: Any = (),
                      vmap_axes: Any = None,
-                     implementation: Any = NtkImplementation.AUTO) -> Callable:
-    """Returns ``ntk_fn(x1, x2, params, **apply_fn_kwargs)``: the NTK ``J(x1) J(x2)^T``."""
-    spec = KernelSpec(f, trace_axes, diagonal_axes, vmap_axes, implementation)
+                     implementation: Any = NtkImplementation.AUTO, *,
+                     detect_vmap_axes: bool = True) -> Callable:
+    """Returns ``ntk_fn(x1, x2, params, **apply_fn_kwargs)``: the NTK ``J(x1) J(x2)^T``.
+
+    ``detect_vmap_axes`` and ``ntk_fn.independence``: as for :func:`empirical_kernel_fn`.
+    """
+    spec = KernelSpec(f, trace_axes, diagonal_axes, vmap_axes, implementation,
+                      detect_vmap_axes)
 
     def ntk_fn(x1, x2, params, **apply_fn_kwargs):
         return spec(("ntk",), params, x1, x2, apply_fn_kwargs)["ntk"]
 
+    ntk_fn.independence = spec.independence
     return ntk_fn
 
 
