@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from mcntk import adapters as adapters  # noqa: I001 - after the names it imports
 from mcntk import errors as errors
 from mcntk._types import EmpiricalKernel as EmpiricalKernel
 from mcntk._types import Estimate as Estimate

@@ -326,7 +326,7 @@ def iterate(run: Run, options: RunOptions, store: Any = None):
     (:class:`mcntk._progress.Pacer`), without changing the estimate.
     """
     state, usable = _resumed(run, store, options)
-    committed = state.done if state.done else None
+    committed = None if store is None else state.done
     for values, n, stop in _replayed(run, store, state, usable, options):
         yield values, n
         if stop:

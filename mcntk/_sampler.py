@@ -220,7 +220,7 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
     # (not varying over the block axes). Under varying-axis checks, differentiating
     # with respect to such values transposes an implicit pvary into a psum: the NTK's
     # VJPs would sum Jacobians over the rows (JAX 0.10.2 rejects this program instead).
-    # tests/test_sharding_devices.py::test_no_cross_device_jacobian_sum guards it.
+    # tests/eight_devices.py::test_no_cross_device_jacobian_sum guards it.
     sharded = jax.shard_map(
         device, mesh=placement.mesh,
         in_specs=(rows.spec, rep.spec, rep.spec, by_block, by_block, by_block, rep.spec,

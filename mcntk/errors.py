@@ -126,8 +126,8 @@ class CheckpointMismatchError(ValueError):
     What to do: pass another ``checkpoint_dir`` (one directory per kernel call:
     ``f"runs/{name}"``), or delete the directory to start over. ``n_samples`` may
     grow between calls (the run continues), ``rtol``, ``checkpoint_every``,
-    ``progress``, ``device_count``, ``mesh`` and ``implementation`` may change
-    freely; an estimate at fewer samples than the checkpoint holds is available only
-    if its count was committed, i.e. was one of the ``n_samples`` of the run that
-    made it.
+    ``progress``, ``device_count``, ``mesh``, ``sample_axes``, ``implementation``
+    and ``store_on_device`` may change freely; an estimate at fewer samples than the
+    checkpoint holds is available only if its count was committed, i.e. was one of
+    the ``n_samples`` of the run that made it.
     """

@@ -120,6 +120,7 @@ def monte_carlo_kernel_fn(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 64,
     progress: bool | None = None,
+    detect_vmap_axes: bool = True,
 ) -> Callable:
     """Returns ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``: Monte Carlo
     estimates of the NNGP and NTK, averaged over ``n_samples`` initialisations.
@@ -171,6 +172,10 @@ def monte_carlo_kernel_fn(
         to a run without boundaries.
       progress: a tqdm bar on stderr (``pip install "mcntk[progress]"``): None shows
         it when stderr is a terminal or in a notebook, True always, False never.
+      detect_vmap_axes: with ``vmap_axes=None``, compute the NTK from per-example
+        derivatives when the model provably treats its examples independently (an
+        analysis of its jaxpr, see docs/axes.md); False never does. Each call
+        signature's decision is in ``kernel_fn.independence``.
 
     Returns:
       ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``. ``get`` is None (an
@@ -196,7 +201,8 @@ def monte_carlo_kernel_fn(
     devices = _placement.select(device_count, mesh, sample_axes)
     if not isinstance(store_on_device, (bool, np.bool_)):
         raise TypeError(f"`store_on_device` must be a bool, got {store_on_device!r}.")
-    spec = KernelSpec(apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation)
+    spec = KernelSpec(apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation,
+                      detect_vmap_axes)
     run = _run.check_options(stderr, rtol, checkpoint_dir, checkpoint_every, progress)
     estimator = _Estimator(init_fn, spec, key, batch_size, bool(store_on_device), devices)
 
@@ -214,6 +220,8 @@ def monte_carlo_kernel_fn(
         (result,) = tuple(estimates)
         return pack(result)
 
+    kernel_fn.independence = spec.independence
+    kernel_fn.auto_choices = spec.auto_choices
     return kernel_fn
 
 
@@ -329,15 +337,25 @@ class _Estimator:
 
     # --- programs ----------------------------------------------------------------
 
-    def _one_sample(self, names, impl, options):
+    def _one_sample(self, names, impl, options, vmap_axes=None):
         def one_sample(params, k1, k2, b1: _inputs.Side, b2: _inputs.Side | None):
             kw1 = b1.rebuild(b1.dyn)
             kw2 = kw1 if b2 is None else b2.rebuild(b2.dyn)
             if self.rng:
                 kw1, kw2 = {**kw1, "rng": k1}, {**kw2, "rng": k2}
             return self.spec.kernels(names, params, b1.x, None if b2 is None else b2.x,
-                                     kw1, kw2, impl, options)
+                                     kw1, kw2, impl, options, vmap_axes)
         return one_sample
+
+    def _per_example_axes(self, names, call, blocks1, blocks2, params_struct):
+        """The NTK's per-example axes for blocks like these (declared or detected)."""
+        if "ntk" not in names:
+            return None
+        sides = [blocks1.first()] + ([] if blocks2 is None else [blocks2.first()])
+        key = (auto.signature([(s.x, s.dyn) for s in sides], params_struct),
+               tuple(str(a) for s in sides for a in s.dyn_axes), call.static)
+        return self.spec.per_example_axes(key if call.static is not None else None,
+                                          params_struct, sides, self.key if self.rng else None)
 
     def _program(self, names, call, blocks1, blocks2, count, params_struct):
         placement = _placement.place(self.devices, count)
@@ -346,15 +364,20 @@ class _Estimator:
             per_row = 1  # one block per device at a time; the rest waits on the host
         sig = auto.signature(blocks1.first_leaves(),
                              None if blocks2 is None else blocks2.first_leaves())
+        # whether leaves are cut into stacked blocks changes the program, not the block shapes
+        cut = (tuple(blocks1.batched), None if blocks2 is None else tuple(blocks2.batched))
         cache_key = (names, sig, blocks2 is None, call.static, per_row, self.samples_per_step,
+                     cut,
                      tuple(d.id for d in placement.mesh.devices.flat), placement.mesh.devices.shape,
                      auto.signature(call.side1.x, call.side1.dyn))
         cache_key = cache_key if call.static is not None else None
         if cache_key is not None and cache_key in self._programs:
             return self._programs[cache_key]
 
+        vmap = self._per_example_axes(names, call, blocks1, blocks2, params_struct)
+
         def make_fn(impl, options):
-            fn = self._one_sample(names, impl, options)
+            fn = self._one_sample(names, impl, options, vmap)
 
             def one(p, k, leaves1, leaves2):
                 b2 = None if blocks2 is None else blocks2.rebuild(leaves2)
@@ -366,7 +389,7 @@ class _Estimator:
                                                   blocks1.first_leaves(), first2),
                                  cache_key and cache_key[:4])
         program = _sampler.make_program(self._init(call.side1),
-                                        self._one_sample(names, impl, self.options),
+                                        self._one_sample(names, impl, self.options, vmap),
                                         placement, blocks1, blocks2, per_row,
                                         call.side1.dyn, self.samples_per_step)
         if cache_key is not None:
@@ -588,6 +611,7 @@ def _check_failure(failures, done, waves, plan, committed) -> None:
     rows = lambda k, b, n: f"{k * b}..{min((k + 1) * b, n) - 1}"
     other = "x1" if plan.symmetric else "x2"
     saved = ("" if committed is None else
+             " Nothing had been committed to `checkpoint_dir` yet." if committed == 0 else
              f" The last commit in `checkpoint_dir` ({committed} samples) is intact.")
     raise NonFiniteSampleError(
         f"sample {done + t} (0-based) gave a non-finite '{kernel}' kernel (NaN or Inf) in "

@@ -1,10 +1,10 @@
 """Sharded estimates on 8 simulated CPU devices equal the single-device ones.
 
-Needs 8 devices, so the default (one-device) session skips this file and
-tests/test_sharding.py::test_eight_devices runs it in a subprocess with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``. To run it by hand:
+Needs 8 devices, so the default (one-device) session does not collect this file (its
+name does not start with ``test_``); tests/test_sharding.py::test_eight_devices runs it
+in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. By hand:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/test_sharding_devices.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/eight_devices.py
 
 The oracle is the same estimator on one device (``device_count=0``): a different
 placement, program and assembly, the same key schedule.
@@ -25,8 +25,8 @@ import mcntk
 from mcntk import _placement
 
 if jax.device_count() < 8:
-    pytest.skip("needs 8 devices; tests/test_sharding.py runs it in a subprocess",
-                allow_module_level=True)
+    raise RuntimeError("tests/eight_devices.py needs 8 devices: run it with "
+                       "XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
 DEVICES = tuple(jax.devices()[:8])
 KEY = jax.random.PRNGKey(0)

@@ -331,6 +331,17 @@ def test_nan_sample_keeps_earlier_commits(tmp_path):
     assert_same(held, plain, rtol=0)
 
 
+def test_nan_at_the_first_sample_reports_nothing_committed(tmp_path):
+    key = jax.random.PRNGKey(0)
+    init_fn, apply_fn = nan_at(0, key)
+    kernel_fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 8, checkpoint_dir=tmp_path,
+                                            checkpoint_every=4)
+    with pytest.raises(NonFiniteSampleError, match="Nothing had been committed") as info:
+        kernel_fn(x_(1, 3)[:, :2], None, NAMES)
+    assert info.value.sample == 0 and info.value.committed == 0
+    assert steps(tmp_path) == []
+
+
 def test_missing_orbax_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
     with pytest.raises(ImportError, match=r"mcntk\[checkpoint\]"):

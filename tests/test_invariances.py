@@ -57,6 +57,22 @@ def test_batched_equals_unbatched(batch_size, x2_none, diagonal_axes, conv):
     close(host, whole)
 
 
+@pytest.mark.parametrize("store_on_device", [False, True])
+def test_one_kernel_fn_serves_one_block_and_many_blocks(store_on_device):
+    """Calls whose x2 fits in one block and calls that need several, in either order,
+    on one kernel function: each is right (programs for cut and uncut sides differ)."""
+    init_fn, apply_fn = _mlp()
+    key = jax.random.PRNGKey(3)
+    x1, small, large = _x(1, (2, 3)), _x(2, (2, 3)), _x(4, (4, 3))
+    for order in ((small, large), (large, small)):
+        kernel_fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, batch_size=2,
+                                                store_on_device=store_on_device,
+                                                device_count=0)
+        for x2 in order:
+            expected = reference.monte_carlo(init_fn, apply_fn, key, 2, x1, x2)
+            close(kernel_fn(x1, x2, "ntk"), expected["ntk"])
+
+
 @pytest.mark.parametrize("batch_size", [0, 2])
 def test_generator_equals_int_calls(batch_size):
     init_fn, apply_fn = _mlp()

@@ -1,7 +1,7 @@
 """Sharding: the placement rules (on the default single device), and the runs that
 need more devices or processes, each launched as subprocesses that set them up:
 
-* 8 simulated CPU devices: tests/test_sharding_devices.py in one pytest subprocess;
+* 8 simulated CPU devices: tests/eight_devices.py in one pytest subprocess;
 * 2 processes x 2 CPU devices on localhost (``jax.distributed``):
   tests/sharding_worker.py, twice, compared with this process's single-device
   estimate; and a run where one process is killed.
@@ -29,6 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # compile-bound subprocesses: XLA's cheapest backend optimisation halves their time
 FAST_XLA = "--xla_backend_optimization_level=0"
+# simulated devices are threads on 2 shared cores: let a late one join a collective
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 
 def _env(xla_flags):
@@ -95,18 +97,18 @@ def test_platform_follows_devices():
 
 
 def test_eight_devices(tmp_path):
-    """tests/test_sharding_devices.py on 8 simulated CPU devices: one pytest
+    """tests/eight_devices.py on 8 simulated CPU devices: one pytest
     subprocess, with two xdist workers (compiling dominates; a compiler uses one core).
     Its estimators compile some identical programs (e.g. device_count 8 and -1): a
     compilation cache, fresh for this run, compiles them once."""
     log = tmp_path / "pytest.log"
-    env = _env(f"--xla_force_host_platform_device_count=8 {FAST_XLA}")
+    env = _env(f"--xla_force_host_platform_device_count=8 {FAST_XLA} {PATIENT_COLLECTIVES}")
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     with open(log, "w") as out:
         rc = subprocess.run(
-            [sys.executable, "-m", "pytest", os.path.join(HERE, "test_sharding_devices.py"),
+            [sys.executable, "-m", "pytest", os.path.join(HERE, "eight_devices.py"),
              "-q", "-p", "no:cacheprovider", "-n", "2"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=600, env=env).returncode
     text = _tail(log)
