@@ -250,7 +250,7 @@ def run(*, width: int = DEFAULTS["width"], depth: int = DEFAULTS["depth"],
         print(f"note: with {depth} hidden layers the finite network's expected kernel differs "
               f"from K_inf by O(1/width), so the error levels off near that distance")
     print(f"{'samples':>8} {'NNGP error':>11} {'(stderr)':>9} {'NTK error':>10} "
-          f"{'(stderr)':>9} {'seconds':>8}")
+          f"{'(stderr)':>9} {'seconds':>8}  (seconds: since the start, compilation included)")
     rows, start = [], time.perf_counter()
     scale = np.linalg.norm(exact_nngp), np.linalg.norm(exact_ntk)
     for est in kernel_fn(x, None, ("nngp", "ntk")):
@@ -269,8 +269,9 @@ def run(*, width: int = DEFAULTS["width"], depth: int = DEFAULTS["depth"],
         return float((predicted == dataset.y_test).mean())
 
     acc, exact_acc = accuracy(ntk), accuracy(exact_ntk)
+    n = rows[-1].n_samples
     print(f"kernel regression on the {test} test examples: accuracy {acc:.1%} with the "
-          f"Monte Carlo NTK ({rows[-1].n_samples} samples), {exact_acc:.1%} with K_inf "
+          f"Monte Carlo NTK ({n} sample{'s' * (n != 1)}), {exact_acc:.1%} with K_inf "
           f"(chance: {1 / dataset.classes:.0%})")
     result = Result(rows, ntk, exact_ntk, acc, exact_acc, None)
     if out is not None:
@@ -396,5 +397,13 @@ def main(argv=None) -> None:
         print(f'mcntk demo: needs {" and ".join(missing)}: pip install "mcntk[demo]"',
               file=sys.stderr)
         raise SystemExit(1)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        p.error(f"argument --out: cannot write {args.out!r}: {folder!r} is not a writable "
+                f"directory")
+    try:  # before any sample: a data set too small is a usage error, like the others
+        load_data(args.data, args.train, args.test, args.seed)
+    except ValueError as e:
+        p.error(f"argument --train/--test: {e}")
     run(width=args.width, depth=args.depth, samples=tuple(args.samples), data=args.data,
         train=args.train, test=args.test, seed=args.seed, out=args.out, progress=args.progress)

@@ -100,9 +100,12 @@ assert change[-1] < change[0] / 4
 # parameters from the same key).
 
 # %%
-golden_path = next(p / "tests" / "data" / "nt065_mlp.npz"
-                   for p in [Path.cwd(), *Path.cwd().parents]
-                   if (p / "tests" / "data" / "nt065_mlp.npz").exists())
+found = [p / "tests" / "data" / "nt065_mlp.npz" for p in [Path.cwd(), *Path.cwd().parents]
+         if (p / "tests" / "data" / "nt065_mlp.npz").exists()]
+if not found:
+    raise FileNotFoundError("tests/data/nt065_mlp.npz ships with the repository, not with the "
+                            "package: run this notebook from inside a checkout of mcntk")
+golden_path = found[0]
 golden = dict(np.load(golden_path))
 g_init, g_apply = stax.serial(stax.Dense(64), stax.Relu, stax.Dense(3))
 g_key, g_x1, g_x2 = jnp.asarray(golden["key"]), golden["x1"], golden["x2"]

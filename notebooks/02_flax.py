@@ -96,7 +96,7 @@ try:
     classifier_fn(x1, None, "ntk", train=True)
     raise AssertionError("expected a StateMutationError")
 except StateMutationError as e:
-    print(str(e)[:400])
+    print(e)
 
 # %% [markdown]
 # To take the kernel in training mode anyway, opt in with `mutable=` (the updates are

@@ -31,7 +31,6 @@
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
-from IPython.display import Markdown, display
 from jax.example_libraries import stax
 
 import mcntk
@@ -86,7 +85,8 @@ for trace_axes, diagonal_axes, second, expected in cases:
     assert shape == expected, (trace_axes, diagonal_axes, shape, expected)
     rows.append(f"| `{trace_axes}` | `{diagonal_axes}` | "
                 f"{'`None`' if second is None else '3 examples'} | `{shape}` |")
-display(Markdown("\n".join(rows)))
+table = "\n".join(rows)
+print(table)  # as text: readable when the notebook runs as a plain script too
 
 # %% [markdown]
 # ## A picture of one kernel

@@ -121,9 +121,10 @@ for ax, (title, array) in zip(axes, [("device_count=2", results[2]),
 plt.show()
 
 # %% [markdown]
-# ## Results stay on the devices
+# ## Results on the devices, or on the host
 #
-# With `store_on_device=False` the blocks go to host memory as they finish and the
+# By default (`store_on_device=True`) a result stays laid out over the devices used. With
+# `store_on_device=False` the blocks go to host memory as they finish and the
 # result is a NumPy array. Results from different device sets combine on the host
 # (`np.asarray`) or after `jax.device_put(a, b.sharding)`.
 

@@ -22,8 +22,9 @@
 # estimate and its error bars against the truth, see where finite width shows, stop at a
 # target accuracy, and use the kernel for regression.
 #
-# The network and its exact kernels are the ones `mcntk demo` uses
-# (`mcntk.demo.relu_network`, `mcntk.demo.arccos_kernels`): layers
+# The network and its exact kernels are those of `mcntk demo` (which writes the same
+# network in Flax, `mcntk.demo.flax_relu_network`; here its stax form
+# `mcntk.demo.relu_network`, with `mcntk.demo.arccos_kernels`): layers
 # `sqrt(2) * x @ W / sqrt(fan_in) + 0.1 * b` with standard normal `W` and `b`.
 
 # %%

@@ -216,3 +216,19 @@ def test_cli_demo_subprocess_rejects_bad_options():
 def test_demo_too_many_examples_is_an_error():
     with pytest.raises(ValueError, match="has 1797 examples; asked for 2000 \\+ 200"):
         demo.load_data("digits", 2000, 200)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--out", "/nonexistent/folder/demo.png"],
+     "argument --out: cannot write '/nonexistent/folder/demo.png'"),
+    (["--data", "digits", "--train", "2000"],
+     "argument --train/--test: scikit-learn digits"),
+])
+def test_cli_usage_errors_before_any_sample(demo_extra, capsys, argv, message):
+    """An output that cannot be written, or more examples than the data set has, are
+    usage errors (exit status 2, no traceback), found before anything is computed."""
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--fast", *argv])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "samples" not in captured.out
