@@ -23,11 +23,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcntk import _accumulate, _grid
 from mcntk._apply import second_key
-from mcntk._placement import BLOCKS, SAMPLES, Placement
+from mcntk._placement import BLOCKS, SAMPLES, Placement, fetch
 from mcntk._types import PyTree
+from mcntk.errors import NonFiniteSampleError
 
 NO_FAILURE = jnp.iinfo(jnp.int32).max
 
@@ -235,3 +237,35 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         return moments, failure, split_chain(key, n)
 
     return Program(jax.jit(advance, out_shardings=(rows, rep, rep)), placement, kernel_shapes)
+
+
+def raise_first_failure(failures, done, waves, plan, committed) -> None:
+    """Raises :class:`NonFiniteSampleError` for the first non-finite sample the waves
+    met in a call that started at sample ``done``."""
+    first = None
+    for wave, failure in zip(waves, failures):
+        sample = np.asarray(fetch(failure.sample))
+        if (sample == NO_FAILURE).all():
+            continue
+        where = np.unravel_index(np.argmin(sample), sample.shape)
+        if first is None or sample[where] < first[0]:
+            first = (int(sample[where]), wave, failure, where)
+    if first is None:
+        return
+    t, wave, failure, where = first
+    block = wave.pairs[int(np.asarray(fetch(failure.block))[where])]
+    leaf = int(np.asarray(fetch(failure.leaf))[where])
+    path = jax.tree_util.tree_flatten_with_path(wave.program.kernel_shapes)[0][leaf][0]
+    kernel = path[0].key + jax.tree_util.keystr(tuple(path[1:]))
+    i, j = block
+    rows = lambda k, b, n: f"{k * b}..{min((k + 1) * b, n) - 1}"
+    other = "x1" if plan.symmetric else "x2"
+    saved = ("" if committed is None else
+             " Nothing had been committed to `checkpoint_dir` yet." if committed == 0 else
+             f" The last commit in `checkpoint_dir` ({committed} samples) is intact.")
+    raise NonFiniteSampleError(
+        f"sample {done + t} (0-based) gave a non-finite '{kernel}' kernel (NaN or Inf) in "
+        f"block {block} of the grid (x1 examples {rows(i, plan.b1, plan.n1)}, {other} "
+        f"examples {rows(j, plan.b2, plan.n2)}); it was not added to the estimate.{saved} "
+        f"See mcntk.errors.NonFiniteSampleError.",
+        done + t, kernel, block, committed)

@@ -15,7 +15,6 @@ from mcntk import _accumulate, _apply, _checkpoint, _grid, _inputs, _placement, 
 from mcntk._axes import AxesRule
 from mcntk._types import Estimate, NtkImplementation, PyTree, canonicalize_get, pack_result
 from mcntk.empirical import KernelSpec
-from mcntk.errors import NonFiniteSampleError
 from mcntk.ntk import auto
 
 
@@ -464,7 +463,7 @@ class _Estimator:
             return {name: jax.tree.map(estimate, means[name], errors[name]) for name in means}
 
         def on_failure(failures, state, committed):
-            _check_failure(failures, state.done, waves, plan, committed)
+            _sampler.raise_first_failure(failures, state.done, waves, plan, committed)
 
         groups = list(plan.groups().values())
         spec = _run.Run(waves, groups, self.key, counts, self.on_device, finalize, on_failure)
@@ -587,35 +586,3 @@ def _assemble(xp, plan: _grid.GridPlan, waves, states, layouts,
         out[name] = [leaf[order[0]] if where is None else plan.assemble(xp, leaf[order], where)
                      for leaf, where in zip(jax.tree.leaves(kernels), layouts)]
     return out
-
-
-def _check_failure(failures, done, waves, plan, committed) -> None:
-    """Raises :class:`NonFiniteSampleError` for the first non-finite sample the waves
-    met in a call that started at sample ``done``."""
-    first = None
-    for wave, failure in zip(waves, failures):
-        sample = np.asarray(_placement.fetch(failure.sample))
-        if (sample == _sampler.NO_FAILURE).all():
-            continue
-        where = np.unravel_index(np.argmin(sample), sample.shape)
-        if first is None or sample[where] < first[0]:
-            first = (int(sample[where]), wave, failure, where)
-    if first is None:
-        return
-    t, wave, failure, where = first
-    block = wave.pairs[int(np.asarray(_placement.fetch(failure.block))[where])]
-    leaf = int(np.asarray(_placement.fetch(failure.leaf))[where])
-    path = jax.tree_util.tree_flatten_with_path(wave.program.kernel_shapes)[0][leaf][0]
-    kernel = path[0].key + jax.tree_util.keystr(tuple(path[1:]))
-    i, j = block
-    rows = lambda k, b, n: f"{k * b}..{min((k + 1) * b, n) - 1}"
-    other = "x1" if plan.symmetric else "x2"
-    saved = ("" if committed is None else
-             " Nothing had been committed to `checkpoint_dir` yet." if committed == 0 else
-             f" The last commit in `checkpoint_dir` ({committed} samples) is intact.")
-    raise NonFiniteSampleError(
-        f"sample {done + t} (0-based) gave a non-finite '{kernel}' kernel (NaN or Inf) in "
-        f"block {block} of the grid (x1 examples {rows(i, plan.b1, plan.n1)}, {other} "
-        f"examples {rows(j, plan.b2, plan.n2)}); it was not added to the estimate.{saved} "
-        f"See mcntk.errors.NonFiniteSampleError.",
-        done + t, kernel, block, committed)
