@@ -41,26 +41,12 @@ SECTION = "## Structured derivatives and a fast default (issue 8)"
 
 
 def workload(name):
-    """(init_fn, apply_fn, x1, x2, n_samples, vmap_axes), as in nt065_side.py."""
-    import jax
-    from jax.example_libraries import stax
+    """(init_fn, apply_fn, x1, x2, n_samples, vmap_axes): nt065_side.py's definitions, so
+    that both libraries time the same models and inputs."""
+    sys.path.insert(0, HERE)
+    from nt065_side import _workload  # stax and jax.random only: imports on current JAX
 
-    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-    if name in ("W1", "W1p"):
-        init_fn, apply_fn = stax.serial(stax.Dense(512), stax.Relu, stax.Dense(512), stax.Relu,
-                                        stax.Dense(10))
-        shape, n, vmap_axes = (64, 32), 16, (0 if name == "W1" else None)
-    elif name == "W2":
-        conv = lambda c: stax.Conv(c, (3, 3), padding="SAME")  # noqa: E731
-        init_fn, apply_fn = stax.serial(conv(32), stax.Relu, conv(64), stax.Relu, conv(64),
-                                        stax.Flatten, stax.Dense(10))
-        shape, n, vmap_axes = (8, 8, 8, 3), 4, 0
-    else:
-        init_fn, apply_fn = stax.serial(stax.Dense(2048), stax.Relu, stax.Dense(2048), stax.Relu,
-                                        stax.Dense(2048), stax.Relu, stax.Dense(8))
-        shape, n, vmap_axes = (16, 32), 1, 0
-    return (init_fn, apply_fn, jax.random.normal(k1, shape), jax.random.normal(k2, shape), n,
-            vmap_axes)
+    return _workload(name)
 
 
 def time_mcntk(name, impl, repeats, limit):
