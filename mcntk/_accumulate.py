@@ -43,6 +43,14 @@ class Moments(NamedTuple):
     m2: PyTree | None
 
 
+def shapes_of(shapes: PyTree, stderr: bool, lead: tuple[int, ...] = ()) -> Moments:
+    """The ShapeDtypeStructs of :func:`init`'s result (without tracing it)."""
+    like = lambda: jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+        lead + tuple(s.shape), accumulator_dtype(s.dtype)), shapes)
+    count = jax.ShapeDtypeStruct(lead, jnp.int32)
+    return Moments(count, like(), like() if stderr else None, like() if stderr else None)
+
+
 def init(shapes: PyTree, stderr: bool, lead: tuple[int, ...] = ()) -> Moments:
     """Empty moments for kernels of ``shapes`` (ShapeDtypeStructs), with leading axes."""
     zeros = lambda: jax.tree.map(

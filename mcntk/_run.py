@@ -94,8 +94,8 @@ def start(waves: list, key: Any, stderr: bool) -> RunState:
     :func:`advance` needs them (no host copy)."""
     def zeros(wave):
         p = wave.program.placement
-        shapes = jax.eval_shape(lambda: _accumulate.init(wave.program.kernel_shapes, stderr,
-                                                         (p.ds, len(wave.pairs))))
+        shapes = _accumulate.shapes_of(wave.program.kernel_shapes, stderr,
+                                       (p.ds, len(wave.pairs)))
         sharding = wave.moments_sharding()
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=sharding), shapes)
 
@@ -185,8 +185,8 @@ def canonical_like(waves: list, groups: list, stderr: bool) -> list[Moments]:
     for wave in waves:
         g = where[next(p for p in wave.pairs if p is not None)][0]
         if out[g] is None:
-            out[g] = jax.eval_shape(lambda w=wave, g=g: _accumulate.init(
-                w.program.kernel_shapes, stderr, (len(groups[g]),)))
+            out[g] = _accumulate.shapes_of(wave.program.kernel_shapes, stderr,
+                                           (len(groups[g]),))
     return out
 
 

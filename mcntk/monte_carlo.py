@@ -3,6 +3,7 @@ random initialisations, with neural-tangents' arguments and numbers."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -11,8 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcntk import _accumulate, _apply, _checkpoint, _grid, _inputs, _placement, _run, _sampler, ntk
-from mcntk._axes import AxesRule
+from mcntk import (
+    _accumulate,
+    _apply,
+    _budget,
+    _checkpoint,
+    _grid,
+    _inputs,
+    _placement,
+    _planning,
+    _run,
+    _sampler,
+    ntk,
+)
 from mcntk._types import Estimate, NtkImplementation, PyTree, canonicalize_get, pack_result
 from mcntk.empirical import KernelSpec
 from mcntk.ntk import auto
@@ -120,6 +132,7 @@ def monte_carlo_kernel_fn(
     checkpoint_every: int = 64,
     progress: bool | None = None,
     detect_vmap_axes: bool = True,
+    memory_budget: int | None = None,
 ) -> Callable:
     """Returns ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``: Monte Carlo
     estimates of the NNGP and NTK, averaged over ``n_samples`` initialisations.
@@ -175,6 +188,13 @@ def monte_carlo_kernel_fn(
         derivatives when the model provably treats its examples independently (an
         analysis of its jaxpr, see docs/axes.md); False never does. Each call
         signature's decision is in ``kernel_fn.independence``.
+      memory_budget: bytes per device that a call may use (None: no limit). With
+        ``batch_size=0`` the largest block size whose estimated peak fits is used
+        (one block when it fits); with ``batch_size > 0`` that size is checked and a
+        ValueError names one that fits. The estimate is XLA's memory analysis of one
+        block's compiled one-sample program plus the kernel's accumulators
+        (:mod:`mcntk._budget`); each call signature's choice is in
+        ``kernel_fn.block_sizes``.
 
     Returns:
       ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``. ``get`` is None (an
@@ -203,7 +223,8 @@ def monte_carlo_kernel_fn(
     spec = KernelSpec(apply_fn, trace_axes, diagonal_axes, vmap_axes, implementation,
                       detect_vmap_axes)
     run = _run.check_options(stderr, rtol, checkpoint_dir, checkpoint_every, progress)
-    estimator = _Estimator(init_fn, spec, key, batch_size, bool(store_on_device), devices)
+    estimator = _Estimator(init_fn, spec, key, batch_size, bool(store_on_device), devices,
+                           _budget.check_budget(memory_budget))
 
     def kernel_fn(x1: PyTree, x2: PyTree | None = None, get: Any = None, **apply_fn_kwargs):
         names, single = canonicalize_get(get)
@@ -221,6 +242,7 @@ def monte_carlo_kernel_fn(
 
     kernel_fn.independence = spec.independence
     kernel_fn.auto_choices = spec.auto_choices
+    kernel_fn.block_sizes = estimator.block_sizes
     return kernel_fn
 
 
@@ -230,109 +252,16 @@ class _Estimator:
     samples_per_step = 1  # samples vmapped per loop step on a device
 
     def __init__(self, init_fn, spec: KernelSpec, key, batch_size: int, on_device: bool,
-                 devices: _placement.Devices):
+                 devices: _placement.Devices, memory_budget: int | None = None):
         self.init_fn, self.spec, self.key = init_fn, spec, key
         self.batch_size, self.on_device, self.devices = batch_size, on_device, devices
         self.rng = _apply.accepts_rng(spec.apply_fn)
+        self.planner = _planning.Planner(init_fn, spec, key, self.rng)
         self.options = ntk.Options(platform=devices.platform)
         self._programs: dict[Any, _sampler.Program] = {}
         self._assemblers: dict[Any, Callable] = {}  # jitted finalize per plan and layout
-
-    # --- shapes and the plan -------------------------------------------------------
-
-    def _init(self, side1: _inputs.Side) -> Callable:
-        """``init(key, dyn1) -> params`` for inputs like x1 (with x1's keyword arrays)."""
-        def init(key, dyn):
-            return _apply.call_init(self.init_fn, key, side1.x, side1.rebuild(dyn))
-        return init
-
-    def _apply_for_shapes(self, params, x, **kwargs):
-        if self.rng:
-            kwargs = {**kwargs, "rng": self.key}
-        return self.spec.apply_fn(params, x, **kwargs)
-
-    def _plan(self, call: _inputs.Call, params_struct) -> tuple[_grid.GridPlan, list, Any]:
-        """The grid plan, the layout of each output leaf's kernel and the output treedef."""
-        side1 = call.side1
-        n1 = side1.size
-        n2 = n1 if call.symmetric else call.side2.size
-        split = bool(self.batch_size) and n1 is not None and n2 is not None and (
-            self.batch_size < max(n1, n2))
-        if split:  # before the model sees them: keyword arguments must be cut per block
-            self._check_kwargs_splittable(call)
-        out, out2 = _inputs.output_shapes(self._apply_for_shapes, params_struct, side1,
-                                          call.side2)
-        leaves, treedef = jax.tree.flatten(out)
-        trace, diagonal_axes = self.spec.axes
-        vmap = self.spec.vmap_axes
-        batch_axes = _inputs.output_batch_axes(self._apply_for_shapes, params_struct, side1,
-                                               None if vmap is None else vmap.out_axes)
-        traced = False
-        if batch_axes is not None:
-            plain = [AxesRule(trace, diagonal_axes, len(o.shape)) for o in leaves]
-            traced = _inputs.warn_if_traced_examples(plain, batch_axes, trace, stacklevel=5)
-        try:
-            rules = self.spec.axes.rules(out, out2)
-        except ValueError as e:
-            if not traced:
-                raise
-            raise ValueError(f"{e} `trace_axes`={trace} traces the axis that holds the "
-                             f"examples; to get one entry per pair of examples, pass "
-                             f"`trace_axes`=().") from e
-        if not split:
-            plan = _grid.GridPlan(n1 or 1, n2 or 1, 0, call.symmetric, not self.rng, False)
-            return plan, [None] * len(leaves), treedef
-        self._check_splittable([o.shape for o in leaves], rules, batch_axes)
-        layouts = [_grid.layout(r, a) for r, a in zip(rules, batch_axes)]
-        diagonal = {w.diagonal for w in layouts}
-        if len(diagonal) != 1:
-            raise ValueError(
-                f"`batch_size`={self.batch_size} needs the axis holding the examples to be "
-                f"diagonal in every output leaf or in none; `diagonal_axes`="
-                f"{self.spec.axes.diagonal} makes it diagonal in some output leaves only "
-                f"(output shapes {[o.shape for o in leaves]}).")
-        # with an rng, blocks (i, j) and (j, i) see different dropout keys: no mirroring
-        plan = _grid.GridPlan(n1, n2, self.batch_size, call.symmetric, not self.rng,
-                              diagonal.pop())
-        return plan, layouts, treedef
-
-    def _check_splittable(self, shapes, rules, batch_axes) -> None:
-        b = self.batch_size
-        if batch_axes is None or None in batch_axes:
-            raise ValueError(
-                f"`batch_size`={b} cuts the examples into blocks, so it needs to know which "
-                f"output axis holds the examples, and could not tell for output shapes "
-                f"{shapes} (the output does not change with the number of examples in the way "
-                f"expected). Declare it with `vmap_axes`=(in_axes, out_axes, kwargs_axes), "
-                f"or use `batch_size`=0.")
-        for rule, a in zip(rules, batch_axes):
-            if a in rule.trace:
-                raise ValueError(
-                    f"`trace_axes`={self.spec.axes.trace} traces output axis {a}, the axis "
-                    f"that holds the examples (output shapes {shapes}), so the kernel has no "
-                    f"example axes to cut into `batch_size`={b} blocks. To get one entry per "
-                    f"pair of examples, pass `trace_axes`=().")
-
-    def _check_kwargs_splittable(self, call) -> None:
-        """Every array keyword argument needs a known batch axis with one row per example."""
-        b = self.batch_size
-        for side, name in ((call.side1, "x1"), (call.side2, "x2")):
-            if side is None:
-                continue
-            for kw, a, v in zip(side.names, side.dyn_axes, side.dyn):
-                if a == _inputs.UNKNOWN:
-                    raise ValueError(
-                        f"keyword argument `{kw}` (an array of shape {jnp.shape(v)}) has no "
-                        f"known batch axis, so `batch_size`={b} cannot give each block its "
-                        f"rows. Pass it as a 2-tuple ({kw}_for_x1, {kw}_for_x2) (rows on axis "
-                        f"0), declare its axis in `vmap_axes`=(in_axes, out_axes, {{'{kw}': "
-                        f"axis}}), or, if it is the same for every example, bind it into "
-                        f"apply_fn (functools.partial).")
-                if a is not None and jnp.shape(v)[a] != side.size:
-                    raise ValueError(
-                        f"keyword argument `{kw}` has {jnp.shape(v)[a]} rows on its batch axis "
-                        f"{a} (shape {jnp.shape(v)}), but `{name}` has {side.size} examples; "
-                        f"`batch_size`={b} needs one row per example.")
+        self.memory_budget = memory_budget
+        self.block_sizes: dict[Any, _budget.BlockChoice] = {}  # under memory_budget
 
     # --- programs ----------------------------------------------------------------
 
@@ -373,6 +302,19 @@ class _Estimator:
         if cache_key is not None and cache_key in self._programs:
             return self._programs[cache_key]
 
+        impl, vmap = self._block_kernel(names, call, blocks1, blocks2, params_struct,
+                                        cache_key and cache_key[:4])[:2]
+        program = _sampler.make_program(self.planner.init(call.side1),
+                                        self._one_sample(names, impl, self.options, vmap),
+                                        placement, blocks1, blocks2, per_row,
+                                        call.side1.dyn, self.samples_per_step)
+        if cache_key is not None:
+            self._programs[cache_key] = program
+        return program
+
+    def _block_kernel(self, names, call, blocks1, blocks2, params_struct, choice_key=None):
+        """``(implementation, per-example axes, one, args)``: the kernels of one sample
+        for one block pair, ``one(*args)`` with abstract ``args``."""
         vmap = self._per_example_axes(names, call, blocks1, blocks2, params_struct)
 
         def make_fn(impl, options):
@@ -384,28 +326,68 @@ class _Estimator:
             return one
 
         first2 = None if blocks2 is None else blocks2.first_leaves()
-        impl = self.spec.resolve(names, make_fn, (params_struct, self.key,
-                                                  blocks1.first_leaves(), first2),
-                                 cache_key and cache_key[:4])
-        program = _sampler.make_program(self._init(call.side1),
-                                        self._one_sample(names, impl, self.options, vmap),
-                                        placement, blocks1, blocks2, per_row,
-                                        call.side1.dyn, self.samples_per_step)
-        if cache_key is not None:
-            self._programs[cache_key] = program
-        return program
+        args = (params_struct, self.key, blocks1.first_leaves(), first2)
+        impl = self.spec.resolve(names, make_fn, args, choice_key)
+        return impl, vmap, make_fn(impl, self.options), args
+
+    def _fit(self, call: _inputs.Call, names, stderr: bool) -> int:
+        """The block size under ``memory_budget`` (:mod:`mcntk._budget`), once per call
+        signature (recorded in ``kernel_fn.block_sizes``)."""
+        sides = [call.side1] + ([] if call.symmetric else [call.side2])
+        key = (auto.signature([(s.x, s.dyn) for s in sides]), call.static, names, stderr)
+        if call.static is not None and key in self.block_sizes:
+            return self.block_sizes[key].batch_size
+        n1 = call.side1.size
+        n2 = n1 if call.symmetric else call.side2.size
+        n = None if n1 is None or n2 is None else max(n1, n2)
+        budget = self.memory_budget
+
+        def estimate(b):
+            try:
+                return self._block_peak(names, call, b, stderr)
+            except ValueError as e:
+                if b == self.batch_size:
+                    raise
+                raise ValueError(f"`memory_budget`={budget} led to blocks of {b} examples, "
+                                 f"which this call cannot use: {e}") from e
+
+        choice = _budget.choose(estimate, n, self.batch_size, budget)
+        if call.static is not None:
+            if len(self.block_sizes) >= auto.CACHE_LIMIT:
+                self.block_sizes.clear()
+            self.block_sizes[key] = choice
+        return choice.batch_size
+
+    def _block_peak(self, names, call, batch_size: int, stderr: bool) -> int:
+        """Estimated peak bytes on one device when blocks hold ``batch_size`` examples:
+        XLA's memory analysis of one block's one-sample kernel program, plus the
+        accumulators of the whole kernel."""
+        plan, _, _, params_struct = self.planner.plan(call, batch_size)
+        blocks1 = plan.split(call.side1, True)
+        blocks2 = None if call.symmetric else plan.split(call.side2, False)
+        _, _, one, args = self._block_kernel(names, call, blocks1, blocks2, params_struct)
+        compiled = jax.jit(one).lower(*args).compile()
+        memory = compiled.memory_analysis()
+        kernels = jax.eval_shape(one, *args)
+        per_block = sum(math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
+                        for v in jax.tree.leaves(kernels))
+        stored = per_block * len(plan.pairs()) * (3 if stderr else 1)
+        return _budget.peak_bytes(memory) + stored
 
     # --- the run -------------------------------------------------------------------
 
     def estimates(self, x1, x2, names, counts, kwargs,
                   run: _run.RunOptions | None = None) -> Iterator[tuple[dict, Any]]:
         call = _inputs.prepare(x1, x2, kwargs, self.spec.vmap_axes)
-        if self.batch_size:
+        run = _run.RunOptions() if run is None else run
+        batch_size = self.batch_size
+        if batch_size:
             _inputs.check_batchable(call.side1, "x1")
             if call.side2 is not None:
                 _inputs.check_batchable(call.side2, "x2")
-        params_struct = jax.eval_shape(self._init(call.side1), self.key, call.side1.dyn)
-        plan, layouts, treedef = self._plan(call, params_struct)
+        if self.memory_budget is not None:
+            batch_size = self._fit(call, names, run.stderr)
+        plan, layouts, treedef, params_struct = self.planner.plan(call, batch_size)
         blocks1 = plan.split(call.side1, True)
         blocks2 = blocks1 if call.symmetric else plan.split(call.side2, False)
         waves = []
@@ -413,8 +395,7 @@ class _Estimator:
             b2 = None if symmetric else blocks2
             program = self._program(names, call, blocks1, b2, len(pairs), params_struct)
             waves.extend(self._waves(program, plan, pairs, blocks1, b2, call))
-        identity = (call, names, params_struct, blocks1)
-        run = _run.RunOptions() if run is None else run
+        identity = (call, names, params_struct, blocks1, batch_size)
         return self._loop(plan, waves, layouts, treedef, counts, run, identity)
 
     def _waves(self, program, plan, pairs, blocks1, blocks2, call):
@@ -496,13 +477,13 @@ class _Estimator:
         inputs, parameter structure and state shapes exactly, and a probe (the first
         sample's kernels on the first block, which tell apart models of the same
         parameter structure)."""
-        call, names, params_struct, blocks1 = identity
+        call, names, params_struct, blocks1, batch_size = identity
         key = self.key
         typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
         key_part = (_run.key_data(key), str(jax.random.key_impl(key)) if typed else "raw",
                     jax.config.jax_threefry_partitionable)
         settings = (sorted(names), repr(self.spec.axes), repr(self.spec.vmap_axes),
-                    self.batch_size, run.stderr, jax.config.jax_enable_x64)
+                    batch_size, run.stderr, jax.config.jax_enable_x64)
 
         def side(s):
             if s is None:

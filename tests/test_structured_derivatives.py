@@ -69,6 +69,12 @@ FCN = (lambda: stax_serial(stax.Conv(4, (3, 3), padding="SAME"), stax.Relu,
        (2, 7, 5, 2), (3, 7, 5, 2))
 TUPLE = (lambda: stax_serial(stax.Dense(8), stax.Relu, stax.FanOut(2),
                              stax.parallel(stax.Dense(3), stax.Dense(2))), (4, 3), (2, 3))
+# a conv, then only linear layers: the conv's cotangents do not depend on the example
+LINEAR_HEAD = (lambda: stax_serial(stax.Conv(4, (3, 3), padding="SAME"), stax.Relu,
+                                   stax.Conv(3, (2, 2), padding="SAME"), stax.Flatten,
+                                   stax.Dense(3)), (3, 4, 4, 2), (2, 4, 4, 2))
+DENSE_HEAD = (lambda: stax_serial(stax.Dense(8), stax.Relu, stax.Dense(6), stax.Dense(3)),
+              (5, 4), (3, 4))
 
 CASES = {
     "mlp": (MLP, (-1,), ()),
@@ -82,6 +88,9 @@ CASES = {
     "fcn_diag_h": (FCN, (-1,), (1,)),
     "fcn_trace_hw_diag_c": (FCN, (1, 2), (3,)),
     "tuple": (TUPLE, (-1,), ()),
+    "linear_head": (LINEAR_HEAD, (-1,), ()),
+    "linear_head_no_trace": (LINEAR_HEAD, (), ()),
+    "dense_head": (DENSE_HEAD, (-1,), ()),
 }
 
 
@@ -91,7 +100,10 @@ COMBINATIONS = [("mlp", None, False), ("mlp", 0, True), ("mlp_no_trace", 0, Fals
                 ("pool", None, False), ("fcn_trace_c", None, False),
                 ("fcn_no_trace", 0, True), ("fcn_trace_hw", 0, False),
                 ("fcn_diag_h", None, False), ("fcn_diag_h", 0, True),
-                ("fcn_trace_hw_diag_c", 0, False), ("tuple", None, False), ("tuple", 0, True)]
+                ("fcn_trace_hw_diag_c", 0, False), ("tuple", None, False), ("tuple", 0, True),
+                ("linear_head", 0, False), ("linear_head", None, True),
+                ("linear_head_no_trace", 0, False), ("dense_head", 0, True),
+                ("dense_head", None, False)]
 
 
 @pytest.mark.parametrize("name,vmap_axes,x2_none", COMBINATIONS)
@@ -101,6 +113,38 @@ def test_stax_models_agree_with_jacobian_contraction(name, vmap_axes, x2_none):
     params = init_fn(jax.random.PRNGKey(0), s1)[1]
     x2 = None if x2_none else _x(2, s2)
     agree(apply_fn, params, _x(1, s1), x2, trace_axes, diagonal_axes, vmap_axes)
+
+
+@pytest.mark.parametrize("name,x2_none", [("linear_head", False), ("dense_head", True)])
+def test_example_independent_cotangents_are_found(monkeypatch, name, x2_none):
+    """Cotangents behind only linear layers are computed once, without an example
+    axis (a spy on the decision), and the kernel still agrees with JC."""
+    from mcntk.ntk import structured_derivatives as sd
+
+    decided = []
+    real = sd._cotangent_axes
+
+    def spy(*args):
+        axes = real(*args)
+        decided.append([a for leaf in axes for a in leaf.values()])
+        return axes
+
+    monkeypatch.setattr(sd, "_cotangent_axes", spy)
+    (make, s1, s2), trace_axes, _ = CASES[name]
+    init_fn, apply_fn = make()
+    params = init_fn(jax.random.PRNGKey(0), s1)[1]
+    agree(apply_fn, params, _x(1, s1), None if x2_none else _x(2, s2), trace_axes,
+          vmap_axes=0)
+    assert decided and all(None in d and 0 in d for d in decided), decided
+
+
+def test_monte_carlo_with_independent_cotangents_matches_reference():
+    (make, s1, s2), _, _ = CASES["linear_head"]
+    init_fn, apply_fn = make()
+    x1, x2 = _x(1, s1), _x(2, s2)
+    got = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(3), 3, vmap_axes=0,
+                                      implementation=SD)(x1, x2, "ntk")
+    assert_close(got, monte_carlo(init_fn, apply_fn, jax.random.PRNGKey(3), 3, x1, x2)["ntk"])
 
 
 def test_batch_axis_diagonal():

@@ -51,6 +51,8 @@ class SideValues(NamedTuple):
       example: the label of the leading example dimension of every captured value
         (per-example evaluation), or None.
       sizes: the size of every label of ``lead``.
+      shared: ids whose cotangents do not depend on the example (per-example
+        evaluation): their leading labels are ``out_labels``, not ``lead``.
     """
 
     program: Program
@@ -62,6 +64,11 @@ class SideValues(NamedTuple):
     out_labels: list[int]
     example: int | None
     sizes: Mapping[int, int]
+    shared: frozenset = frozenset()
+
+    def cotangent(self, ref: Ref) -> tuple[jax.Array, list[int]]:
+        """The cotangents of ``ref`` and the labels of their leading dimensions."""
+        return self.cotangents[ref], (self.out_labels if ref in self.shared else self.lead)
 
 
 class Factors(NamedTuple):
@@ -92,10 +99,10 @@ def use_factors(side: SideValues, use: Use, fresh: Callable[[int], list[int]]) -
     y_shape = program.shape(node.outs[0])
     source, sign = side.routes.source[node.outs[0]]
     identity = side.routes.identity.get((source, side.leaf))
-    g = None if identity else side.cotangents[source]
+    g, g_lead = (None, side.lead) if identity else side.cotangent(source)
     if use.kind in ("add", "mul"):
         y_labels = fresh(len(y_shape))
-        ops = [(g, side.lead + y_labels)]
+        ops = [(g, g_lead + y_labels)]
         op_labels = _elementwise_labels(program.shape(node.ins[use.position]), y_shape,
                                         y_labels, fresh)
         if use.kind == "mul":
@@ -104,12 +111,12 @@ def use_factors(side: SideValues, use: Use, fresh: Callable[[int], list[int]]) -
             ops.append((side.captured[data], ex + d_labels))
     elif use.kind == "dot":
         labels, y_labels = _dot_labels(program, node, fresh)
-        ops = [(g, side.lead + y_labels),
+        ops = [(g, g_lead + y_labels),
                (side.captured[node.ins[use.data]], ex + labels[use.data])]
         op_labels = labels[use.position]
     else:  # conv
         patches, p_labels, op_labels, y_labels = _conv_factors(side, node, fresh)
-        ops = [(g, side.lead + y_labels), (patches, ex + p_labels)]
+        ops = [(g, g_lead + y_labels), (patches, ex + p_labels)]
     for ref, power in use.scales:
         value = jnp.asarray(side.captured[ref])  # a literal may be a Python scalar
         value = value.reshape(value.shape[: len(ex)])
@@ -130,7 +137,8 @@ def direct_factors(side: SideValues, param: int, fresh: Callable[[int], list[int
     """The Jacobian of an unstructured parameter: its own cotangent."""
     ref = side.program.inputs[param]
     labels = fresh(len(side.program.shape(ref)))
-    return Factors([(side.cotangents[ref], side.lead + labels)], labels, 1.0, ref)
+    g, g_lead = side.cotangent(ref)
+    return Factors([(g, g_lead + labels)], labels, 1.0, ref)
 
 
 def contract(pairs: list[tuple[Factors, Factors]], out_labels: list[int],
@@ -185,9 +193,12 @@ def _together(group: list[tuple[Factors, Factors]], out_labels: list[int]
     parts, separate, merged = [], 0.0, 0.0
     outs = interface[len(c1) + len(c2):]
     unique = list(dict.fromkeys(outs))
+    if any(x not in size for x in unique):
+        return None  # an output label that no operand carries: term() adds it
     for rest, sign in prepared:
         labels = [x for x in keep if any(x in ls for _, ls in rest)]
-        separate += _flops(g_ops + rest, unique)
+        carried = {x for _, ls in g_ops + rest for x in ls}
+        separate += _flops(g_ops + rest, [x for x in unique if x in carried])
         merged += _flops(rest, labels) if rest else 0.0
         parts.append((rest, labels, sign))
     joined = [x for x in keep if any(x in labels for _, labels, _ in parts)]
@@ -224,7 +235,26 @@ def _einsum(operands: list[tuple[Any, list[int]]], out: list[int]) -> jax.Array:
     args: list[Any] = []
     for array, labels in operands:
         args += [array, labels]
-    return jnp.einsum(*args, out, precision=jax.lax.Precision.HIGHEST)
+    if len(operands) <= 2:
+        return jnp.einsum(*args, out, precision=jax.lax.Precision.HIGHEST)
+    path = [p for p in jnp.einsum_path(*args, out, optimize="auto")[0] if not isinstance(p, str)]
+    ops = [(a, list(labels)) for a, labels in operands]
+    for step, chosen in enumerate(path):
+        picked = [ops[i] for i in chosen]
+        ops = [o for i, o in enumerate(ops) if i not in chosen]
+        if step == len(path) - 1:
+            keep = list(out)
+        else:
+            rest = {x for _, labels in ops for x in labels} | set(out)
+            keep = list(dict.fromkeys(x for _, labels in picked for x in labels if x in rest))
+        a: list[Any] = []
+        for array, labels in picked:
+            a += [array, labels]
+        value = jnp.einsum(*a, keep, precision=jax.lax.Precision.HIGHEST)
+        if step < len(path) - 1:
+            value = jax.lax.optimization_barrier(value)
+        ops.append((value, keep))
+    return ops[0][0]
 
 
 def _flops(operands: list[tuple[Any, list[int]]], out: list[int]) -> float:

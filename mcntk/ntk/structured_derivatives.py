@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jcore
 
 from mcntk._types import PyTree
 from mcntk.ntk import _contract, _cotangents, _layouts, _program, _structure
@@ -54,6 +55,7 @@ class _Evaluated(NamedTuple):
     captured: dict
     cotangents: list[dict]
     example_axes: list[int] | None  # per output leaf, when evaluated per example
+    shared: list[frozenset] | None = None  # per output leaf: cotangents without that axis
 
     def side_values(self, leaf: int, labels: list[int], shape: tuple[int, ...]
                     ) -> _contract.SideValues:
@@ -65,9 +67,10 @@ class _Evaluated(NamedTuple):
             axis = self.example_axes[leaf]
             out_labels = [label for i, label in enumerate(labels) if i != axis]
             lead, example = [labels[axis], *out_labels], labels[axis]
+        shared = frozenset() if self.shared is None else self.shared[leaf]
         return _contract.SideValues(self.program, self.routes, leaf, self.captured,
                                     self.cotangents[leaf], lead, out_labels, example,
-                                    dict(zip(labels, shape)))
+                                    dict(zip(labels, shape)), shared)
 
 
 def _abstract_example(value: Any, axis: int | None) -> jax.ShapeDtypeStruct:
@@ -81,11 +84,7 @@ def _trace(side: Side, params: list) -> _program.Program:
     pe = side.per_example
     if pe is None:
         return _program.trace(side.fn, params)
-    axes = jax.tree.leaves(pe.x_axes, is_leaf=lambda a: a is None)
-    leaves, treedef = jax.tree.flatten(side.x)
-    x_i = jax.tree.unflatten(treedef, [_abstract_example(v, a) for v, a in zip(leaves, axes)])
-    kw_i = [_abstract_example(v, a) for v, a in zip(pe.kw_leaves, pe.kw_axes)]
-    return _program.trace(pe.fn, params, x_i, kw_i)
+    return _program.trace(pe.fn, params, *_one_example(side))
 
 
 def _run(program: _program.Program, inputs: list, probe_refs: list, capture: list):
@@ -123,21 +122,54 @@ def _evaluate(side: Side, program: _program.Program, structure: _structure.Struc
     def one(x_i, kw_i):
         return _run(program, [*params, *jax.tree.leaves(x_i), *kw_i], probes, capture)
 
-    evaluated = pe.vmap(one, side.x, (pe.out_axes, 0, 0))
-    return _Evaluated(program, structure, routes, *evaluated, jax.tree.leaves(pe.out_axes))
+    cotangent_axes = _cotangent_axes(one, _one_example(side))
+    evaluated = pe.vmap(one, side.x, (pe.out_axes, 0, cotangent_axes))
+    shared = [frozenset(r for r, a in axes.items() if a is None) for axes in cotangent_axes]
+    return _Evaluated(program, structure, routes, *evaluated, jax.tree.leaves(pe.out_axes),
+                      shared)
+
+
+def _one_example(side: Side) -> tuple:
+    """Abstract ``(x_i, kw_i)``: one example of ``side``."""
+    pe = side.per_example
+    axes = jax.tree.leaves(pe.x_axes, is_leaf=lambda a: a is None)
+    leaves, treedef = jax.tree.flatten(side.x)
+    x_i = jax.tree.unflatten(treedef, [_abstract_example(v, a) for v, a in zip(leaves, axes)])
+    return x_i, [_abstract_example(v, a) for v, a in zip(pe.kw_leaves, pe.kw_axes)]
+
+
+def _cotangent_axes(one, example: tuple) -> list[dict]:
+    """Per output leaf, ``{ref: 0 or None}``: None for a cotangent that does not depend
+    on the example (e.g. behind a flatten and a dense readout), computed once and
+    contracted without an example axis instead of repeated for every example.
+
+    Decided on the jaxpr of ``one``: an equation's results depend on the example if
+    any of its operands does (sub-programs are not looked into: conservative)."""
+    closed, (_, _, cotangents) = jax.make_jaxpr(one, return_shape=True)(*example)
+    depends = set(closed.jaxpr.invars)
+    for eqn in closed.jaxpr.eqns:
+        if any(not isinstance(v, jcore.Literal) and v in depends for v in eqn.invars):
+            depends.update(eqn.outvars)
+    outs = closed.jaxpr.outvars[-len(jax.tree.leaves(cotangents)):] if cotangents else []
+    flags = iter([not isinstance(v, jcore.Literal) and v in depends for v in outs])
+    leaves, treedef = jax.tree.flatten(cotangents)
+    return jax.tree.unflatten(treedef, [0 if next(flags) else None for _ in leaves])
 
 
 def _split(ev: _Evaluated, n1: int) -> tuple[_Evaluated, _Evaluated]:
     """The evaluation of x1's ``n1`` examples followed by x2's, as two evaluations."""
     def cut(tree, axes):
         leaves, treedef = jax.tree.flatten(tree)
-        halves = [jnp.split(v, [n1], axis=a) for v, a in zip(leaves, axes)]
+        halves = [(v, v) if a is None else jnp.split(v, [n1], axis=a)
+                  for v, a in zip(leaves, axes)]
         return tuple(jax.tree.unflatten(treedef, [h[k] for h in halves]) for k in (0, 1))
 
     zeros = lambda tree: [0] * len(jax.tree.leaves(tree))
     outputs = cut(ev.outputs, ev.example_axes)
     captured = cut(ev.captured, zeros(ev.captured))
-    cotangents = cut(ev.cotangents, zeros(ev.cotangents))
+    shared = ev.shared or [frozenset()] * len(ev.cotangents)
+    axes = [{r: None if r in s else 0 for r in c} for c, s in zip(ev.cotangents, shared)]
+    cotangents = cut(ev.cotangents, jax.tree.leaves(axes, is_leaf=lambda a: a is None))
     return tuple(ev._replace(outputs=outputs[k], captured=captured[k],
                              cotangents=cotangents[k]) for k in (0, 1))
 

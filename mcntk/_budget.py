@@ -1,0 +1,102 @@
+"""Block sizes chosen, or checked, against a memory budget (``memory_budget``).
+
+The estimate for blocks of ``b`` examples is XLA's memory analysis of the compiled
+one-sample kernel program of one block (its arguments, among them one sample's
+parameters, its outputs and its temporaries), plus the accumulators of the whole
+kernel (kept on the device with ``store_on_device=True``; counted in any case, so
+the estimate errs on the safe side). The program is compiled for the estimate only:
+a few seconds per size tried, once per call signature.
+
+With ``batch_size=0`` the largest size that fits is taken, trying one block of all
+examples first, then halving; with ``batch_size > 0`` that size is checked, and a
+size over the budget is an error that names one that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class BlockChoice(NamedTuple):
+    """The block size used under a memory budget.
+
+    Attributes:
+      batch_size: the block size (0: one block holding every example).
+      peak_bytes: its estimated peak memory per device.
+      budget: ``memory_budget``, in bytes.
+    """
+
+    batch_size: int
+    peak_bytes: int
+    budget: int
+
+    def __str__(self) -> str:
+        return (f"batch_size={self.batch_size}: about {_mib(self.peak_bytes)} per device "
+                f"(estimated), within memory_budget={_mib(self.budget)}")
+
+
+def check_budget(memory_budget: Any) -> int | None:
+    """``memory_budget`` as a positive int of bytes, or None."""
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)):
+        raise TypeError(f"`memory_budget` must be a number of bytes (a positive int, e.g. "
+                        f"4 * 2**30 for 4 GiB) or None, got {memory_budget!r}.")
+    if memory_budget <= 0:
+        raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
+                         f"{int(memory_budget)}.")
+    return int(memory_budget)
+
+
+def peak_bytes(memory: Any) -> int:
+    """Arguments + outputs + temporaries of XLA's ``CompiledMemoryStats`` (or its peak,
+    if larger; on CPU the reported peak leaves the temporaries out)."""
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return int(max(total, getattr(memory, "peak_memory_in_bytes", 0) or 0))
+
+
+def choose(estimate: Callable[[int], int], n: int | None, batch_size: int,
+           budget: int) -> BlockChoice:
+    """The block size to use for ``n`` examples (None: unknown, no splitting).
+
+    ``estimate(b)`` is the peak bytes with blocks of ``b`` (0: one block).
+    """
+    if batch_size or n is None:
+        peak = estimate(batch_size)
+        if peak <= budget:
+            return BlockChoice(batch_size, peak, budget)
+        fits = _largest_fitting(estimate, (batch_size or n or 2) // 2, budget)
+        hint = (f"`batch_size`={fits.batch_size} fits (about {_mib(fits.peak_bytes)})"
+                if fits else "not even blocks of 1 example fit")
+        raise ValueError(
+            f"`batch_size`={batch_size} needs about {_mib(peak)} per device (estimated), over "
+            f"`memory_budget`={budget} ({_mib(budget)}); {hint}. Pass a smaller "
+            f"`batch_size`, or `batch_size`=0 to let `memory_budget` choose.")
+    fits = _largest_fitting(estimate, n, budget, whole=n)
+    if fits is None:
+        raise ValueError(
+            f"`memory_budget`={budget} ({_mib(budget)}) is too small: even blocks of 1 "
+            f"example need about {_mib(estimate(1))} per device (estimated).")
+    return fits
+
+
+def _largest_fitting(estimate, start: int, budget: int, whole: int | None = None
+                     ) -> BlockChoice | None:
+    """The first of ``start``, ``start / 2``, ... 1 (rounded up) that fits."""
+    b = max(start, 1)
+    while True:
+        size = 0 if whole is not None and b >= whole else b
+        peak = estimate(size)
+        if peak <= budget:
+            return BlockChoice(size, peak, budget)
+        if b == 1:
+            return None
+        b = (b + 1) // 2
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
