@@ -322,7 +322,8 @@ def partition_static(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyT
     """
     leaves, treedef = jax.tree.flatten(tree)
     dynamic_pos = [i for i, v in enumerate(leaves) if _is_dynamic(v)]
-    static = tuple((i, v) for i, v in enumerate(leaves) if i not in set(dynamic_pos))
+    # with its type: True == 1 == 1.0 as values, but a model may branch on the type
+    static = tuple((i, type(v), v) for i, v in enumerate(leaves) if i not in set(dynamic_pos))
 
     def rebuild(dyn: list[Any]) -> PyTree:
         out = list(leaves)

@@ -7,9 +7,9 @@ kernel (kept on the device with ``store_on_device=True``; counted in any case, s
 the estimate errs on the safe side). The program is compiled for the estimate only:
 a few seconds per size tried, once per call signature.
 
-With ``batch_size=0`` the largest size that fits is taken, trying one block of all
-examples first, then halving; with ``batch_size > 0`` that size is checked, and a
-size over the budget is an error that names one that fits.
+With ``batch_size=0`` the first size that fits among one block of all ``n`` examples,
+then ``n/2``, ``n/4``, ... (rounded up) is taken; with ``batch_size > 0`` that size is
+checked, and a size over the budget is an error that names one that fits.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ def check_budget(memory_budget: Any) -> int | None:
     """``memory_budget`` as a positive int of bytes, or None."""
     if memory_budget is None:
         return None
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)):
-        raise TypeError(f"`memory_budget` must be a number of bytes (a positive int, e.g. "
-                        f"4 * 2**30 for 4 GiB) or None, got {memory_budget!r}.")
-    if memory_budget <= 0:
+    if isinstance(memory_budget, bool) or not isinstance(
+            memory_budget, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`memory_budget` must be a number of bytes (e.g. 4 * 2**30 or 4e9) "
+                        f"or None, got {memory_budget!r}.")
+    if not np.isfinite(memory_budget) or memory_budget < 1:
         raise ValueError(f"`memory_budget` must be a positive number of bytes, got "
-                         f"{int(memory_budget)}.")
+                         f"{memory_budget!r}.")
     return int(memory_budget)
 
 
@@ -69,6 +70,12 @@ def choose(estimate: Callable[[int], int], n: int | None, batch_size: int,
         peak = estimate(batch_size)
         if peak <= budget:
             return BlockChoice(batch_size, peak, budget)
+        if n is None:
+            raise ValueError(
+                f"one block of all examples needs about {_mib(peak)} per device (estimated), "
+                f"over `memory_budget`={budget} ({_mib(budget)}), and these inputs cannot be "
+                f"cut into smaller blocks: their leaves do not hold the same number of "
+                f"examples on their batch axes.")
         fits = _largest_fitting(estimate, (batch_size or n or 2) // 2, budget)
         hint = (f"`batch_size`={fits.batch_size} fits (about {_mib(fits.peak_bytes)})"
                 if fits else "not even blocks of 1 example fit")
@@ -99,4 +106,5 @@ def _largest_fitting(estimate, start: int, budget: int, whole: int | None = None
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    """A byte count for a message: exact, and in MiB."""
+    return f"{n:,} bytes = {n / 2**20:.2f} MiB"

@@ -189,10 +189,11 @@ def monte_carlo_kernel_fn(
         analysis of its jaxpr, see docs/axes.md); False never does. Each call
         signature's decision is in ``kernel_fn.independence``.
       memory_budget: bytes per device that a call may use (None: no limit). With
-        ``batch_size=0`` the largest block size whose estimated peak fits is used
-        (one block when it fits); with ``batch_size > 0`` that size is checked and a
-        ValueError names one that fits. The estimate is XLA's memory analysis of one
-        block's compiled one-sample program plus the kernel's accumulators
+        ``batch_size=0`` the first block size whose estimated peak fits among all
+        ``n`` examples (one block), ``n/2``, ``n/4``, ... is used; with
+        ``batch_size > 0`` that size is checked and a ValueError names one that fits.
+        The estimate is XLA's memory analysis of one block's compiled one-sample
+        program plus the kernel's accumulators
         (:mod:`mcntk._budget`); each call signature's choice is in
         ``kernel_fn.block_sizes``.
 
@@ -364,15 +365,17 @@ class _Estimator:
         accumulators of the whole kernel."""
         plan, _, _, params_struct = self.planner.plan(call, batch_size)
         blocks1 = plan.split(call.side1, True)
-        blocks2 = None if call.symmetric else plan.split(call.side2, False)
-        _, _, one, args = self._block_kernel(names, call, blocks1, blocks2, params_struct)
-        compiled = jax.jit(one).lower(*args).compile()
-        memory = compiled.memory_analysis()
-        kernels = jax.eval_shape(one, *args)
-        per_block = sum(math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
-                        for v in jax.tree.leaves(kernels))
-        stored = per_block * len(plan.pairs()) * (3 if stderr else 1)
-        return _budget.peak_bytes(memory) + stored
+        blocks2 = blocks1 if call.symmetric else plan.split(call.side2, False)
+        peak, per_block = 0, 0
+        for symmetric in plan.groups():  # diagonal blocks of x2=None run a one-sided program
+            b2 = None if symmetric else blocks2
+            _, _, one, args = self._block_kernel(names, call, blocks1, b2, params_struct)
+            memory = jax.jit(one).lower(*args).compile().memory_analysis()
+            peak = max(peak, _budget.peak_bytes(memory))
+            per_block = max(per_block, sum(
+                math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
+                for v in jax.tree.leaves(jax.eval_shape(one, *args))))
+        return peak + per_block * len(plan.pairs()) * (3 if stderr else 1)
 
     # --- the run -------------------------------------------------------------------
 

@@ -70,13 +70,21 @@ def test_batch_size_over_budget_names_one_that_fits():
     assert choice.batch_size == fits and choice.peak_bytes <= budget
 
 
+def test_float_budget_is_bytes():
+    fn = kernel_fn(memory_budget=1e9)
+    fn(X, None, "ntk")
+    (choice,) = fn.block_sizes.values()
+    assert choice.budget == 10**9 and choice.batch_size == 0
+
+
 def test_budget_too_small_for_one_example():
     with pytest.raises(ValueError, match="`memory_budget`=1000 .* too small.*1 example"):
         kernel_fn(memory_budget=1000)(X, None, "ntk")
 
 
-@pytest.mark.parametrize("bad,error", [(0, ValueError), (-5, ValueError), (1.5e9, TypeError),
-                                       ("4GiB", TypeError), (True, TypeError)])
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-5, ValueError), ("4GiB", TypeError),
+                                       (float("nan"), ValueError), (0.5, ValueError),
+                                       (True, TypeError)])
 def test_bad_budget_names_the_argument(bad, error):
     with pytest.raises(error, match="memory_budget"):
         kernel_fn(memory_budget=bad)
@@ -107,3 +115,18 @@ def test_choose_halves_from_the_whole():
     assert tried == [0, 50, 25]
     with pytest.raises(ValueError, match="`batch_size`=50 needs about .* `batch_size`=25 fits"):
         _budget.choose(estimate, 100, 50, 40)
+
+
+def test_symmetric_estimate_covers_the_two_sided_blocks():
+    """x2=None cut into blocks runs a one-sided program on diagonal blocks and a
+    two-sided one elsewhere: the estimate must cover the larger (found by review)."""
+    def peak(x2):
+        init_fn, apply_fn = _model()
+        fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1,
+                                         batch_size=16, memory_budget=2**40, implementation=1)
+        fn(X, x2, "ntk")
+        (choice,) = fn.block_sizes.values()
+        return choice.peak_bytes
+
+    two_sided = peak(jax.random.normal(jax.random.PRNGKey(5), X.shape))
+    assert peak(None) >= 0.9 * two_sided

@@ -355,3 +355,25 @@ def test_reference_kernels_take_per_side_kwargs():
     f1 = masked_apply(params, x1, m1, train=False)
     f2 = masked_apply(params, x1, m2, train=False)
     np.testing.assert_allclose(k, np.einsum("ia,jb->ijab", f1, f2), rtol=1e-5, atol=1e-6)
+
+
+def test_static_flags_of_equal_value_and_other_type_are_not_confused():
+    """``flag=True`` then ``flag=1`` on one kernel function: equal as Python values,
+    but the model may branch on the type; the second call must not reuse the first's
+    shapes or program (found by review)."""
+    def init_fn(key, shape, flag=False):
+        return (shape[0], 3), {"w": jax.random.normal(key, (shape[-1], 3))}
+
+    def apply_fn(params, x, flag=False):
+        y = x @ params["w"]
+        return y[:, :2] if flag is True else 3.0 * y
+
+    x = _x(1, (4, 5))
+    fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 2,
+                                     trace_axes=())
+    first = fn(x, None, "nngp", flag=True)
+    second = fn(x, None, "nngp", flag=1)
+    fresh = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 2,
+                                        trace_axes=())(x, None, "nngp", flag=1)
+    assert first.shape == (4, 4, 2, 2) and second.shape == (4, 4, 3, 3)
+    np.testing.assert_array_equal(np.asarray(second), np.asarray(fresh))

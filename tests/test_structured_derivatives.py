@@ -2,6 +2,7 @@
 brute-force reference, and the structure it is meant to find."""
 
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,21 @@ def test_example_independent_cotangents_are_found(monkeypatch, name, x2_none):
     agree(apply_fn, params, _x(1, s1), None if x2_none else _x(2, s2), trace_axes,
           vmap_axes=0)
     assert decided and all(None in d and 0 in d for d in decided), decided
+
+
+@pytest.mark.parametrize("name", ["dense_head", "linear_head"])
+@pytest.mark.parametrize("trace_axes,diagonal_axes", [((0,), ()), ((0, -1), ()), ((), (0,))])
+def test_example_axis_traced_or_diagonal_with_independent_cotangents(name, trace_axes,
+                                                                     diagonal_axes):
+    """A bias behind a linear head has an example-independent cotangent: tracing the
+    example axis must still sum its term over the examples (found by review)."""
+    (make, s1, _), _, _ = CASES[name]
+    init_fn, apply_fn = make()
+    params = init_fn(jax.random.PRNGKey(0), s1)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the traced-example-axis warning
+        for vmap_axes in (0, None):
+            agree(apply_fn, params, _x(1, s1), _x(2, s1), trace_axes, diagonal_axes, vmap_axes)
 
 
 def test_monte_carlo_with_independent_cotangents_matches_reference():

@@ -66,9 +66,13 @@ class SideValues(NamedTuple):
     sizes: Mapping[int, int]
     shared: frozenset = frozenset()
 
-    def cotangent(self, ref: Ref) -> tuple[jax.Array, list[int]]:
-        """The cotangents of ``ref`` and the labels of their leading dimensions."""
-        return self.cotangents[ref], (self.out_labels if ref in self.shared else self.lead)
+    def cotangent(self, ref: Ref) -> tuple[jax.Array, list[int], dict[int, int]]:
+        """The cotangents of ``ref``, the labels of their leading dimensions, and the
+        example label they leave out (with its size) when they are shared."""
+        if ref in self.shared:
+            return self.cotangents[ref], self.out_labels, {
+                self.example: self.sizes[self.example]}
+        return self.cotangents[ref], self.lead, {}
 
 
 class Factors(NamedTuple):
@@ -76,6 +80,9 @@ class Factors(NamedTuple):
 
     ``source`` is the id whose cotangent is the first operand (None when the
     cotangent is an identity, left out; ``covered`` then has its labels and sizes).
+    ``covered`` also holds the example label that a shared cotangent leaves out: a
+    term whose operands all lack it is summed over it (a multiplicity) or
+    broadcast along it.
     """
 
     operands: list[tuple[jax.Array, list[int]]]
@@ -99,7 +106,7 @@ def use_factors(side: SideValues, use: Use, fresh: Callable[[int], list[int]]) -
     y_shape = program.shape(node.outs[0])
     source, sign = side.routes.source[node.outs[0]]
     identity = side.routes.identity.get((source, side.leaf))
-    g, g_lead = (None, side.lead) if identity else side.cotangent(source)
+    g, g_lead, covered = (None, side.lead, {}) if identity else side.cotangent(source)
     if use.kind in ("add", "mul"):
         y_labels = fresh(len(y_shape))
         ops = [(g, g_lead + y_labels)]
@@ -122,7 +129,6 @@ def use_factors(side: SideValues, use: Use, fresh: Callable[[int], list[int]]) -
         value = value.reshape(value.shape[: len(ex)])
         ops.append((value if power == 1 else 1 / value, list(ex)))
     param_labels = [op_labels[d] for d in use.param_dims]
-    covered: dict[int, int] = {}
     if identity is not None:  # g[o, y] = sign * delta(o, y): link y's labels to o's
         link = {y_labels[d]: side.out_labels[j] for j, d in enumerate(identity.dims)
                 if d is not None}
@@ -137,8 +143,8 @@ def direct_factors(side: SideValues, param: int, fresh: Callable[[int], list[int
     """The Jacobian of an unstructured parameter: its own cotangent."""
     ref = side.program.inputs[param]
     labels = fresh(len(side.program.shape(ref)))
-    g, g_lead = side.cotangent(ref)
-    return Factors([(g, g_lead + labels)], labels, 1.0, ref)
+    g, g_lead, covered = side.cotangent(ref)
+    return Factors([(g, g_lead + labels)], labels, 1.0, ref, covered)
 
 
 def contract(pairs: list[tuple[Factors, Factors]], out_labels: list[int],
@@ -168,6 +174,8 @@ def _together(group: list[tuple[Factors, Factors]], out_labels: list[int]
               ) -> jax.Array | None:
     """The pairs of ``group`` (same cotangents on each side) contracted together, or
     None if their labels do not line up or that is not cheaper."""
+    if any(x not in out_labels for f1, f2 in group for x in [*f1.covered, *f2.covered]):
+        return None  # a shared cotangent's example label is summed: term() counts it
     (g1, c1), (g2, c2) = group[0][0].operands[0], group[0][1].operands[0]
     reference, prepared = None, []
     for f1, f2 in group:
@@ -294,7 +302,8 @@ def term(f1: Factors, f2: Factors, out_labels: list[int], sizes: Mapping[int, in
     if missing:
         operands.append((jnp.ones([size[x] for x in missing], dtype), missing))
     unique = list(dict.fromkeys(out))
-    result = _einsum(operands, unique)
+    # no operands: an identity's term with every output axis traced, a constant
+    result = _einsum(operands, unique) if operands else jnp.ones((), dtype)
     if len(unique) < len(out):
         result = _embed_diagonals(result, unique, out)
     sign = f1.sign * f2.sign * multiplicity
