@@ -150,10 +150,10 @@ def _cotangent_axes(one, example: tuple) -> list[dict]:
     for eqn in closed.jaxpr.eqns:
         if any(not isinstance(v, jcore.Literal) and v in depends for v in eqn.invars):
             depends.update(eqn.outvars)
-    outs = closed.jaxpr.outvars[-len(jax.tree.leaves(cotangents)):] if cotangents else []
-    flags = iter([not isinstance(v, jcore.Literal) and v in depends for v in outs])
     leaves, treedef = jax.tree.flatten(cotangents)
-    return jax.tree.unflatten(treedef, [0 if next(flags) else None for _ in leaves])
+    outs = closed.jaxpr.outvars[len(closed.jaxpr.outvars) - len(leaves):]  # the last ones
+    return jax.tree.unflatten(treedef, [
+        0 if not isinstance(v, jcore.Literal) and v in depends else None for v in outs])
 
 
 def _split(ev: _Evaluated, n1: int) -> tuple[_Evaluated, _Evaluated]:
