@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from mcntk import _accumulate, _grid
 from mcntk._apply import second_key
@@ -101,7 +102,7 @@ class ProgramInputs(NamedTuple):
 
 def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                  blocks1: _grid.Blocks, blocks2: _grid.Blocks | None, per_row: int,
-                 init_args: Any, per_step: int = 1) -> Program:
+                 init_args: Any, per_step: int = 1, stepped: bool = False) -> Program:
     """Builds the program for blocks shaped like ``blocks1`` x ``blocks2``.
 
     Args:
@@ -114,6 +115,9 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
       per_step: samples drawn and computed together (vmapped) per loop step on each
         device: more parallelism, ``per_step`` times the memory of one sample.
       init_args: an example of ``init``'s second argument.
+      stepped: loop over samples and blocks on the host, one compiled call per
+        sample's draw and per block (one device, ``per_step`` 1 only), instead of
+        inside one program; see :func:`_stepped`.
     """
     ds = placement.ds
     symmetric = blocks2 is None
@@ -136,6 +140,10 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         return jax.eval_shape(one, params, jax.random.PRNGKey(0), blocks1.first_leaves(), first2)
 
     kernel_shapes = shapes()
+    if stepped:
+        if placement.db * placement.ds != 1 or per_step != 1:
+            raise ValueError("a stepped program runs on one device, one sample at a time")
+        return Program(_stepped(init, kernels, per_row), placement, kernel_shapes)
 
     c = per_step
 
@@ -189,16 +197,9 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                     mine = jax.tree.map(lambda v: v[p], moments)
                     for s in range(c):  # in sample order, as a sequential run adds them
                         k = jax.tree.map(lambda v, s=s: v[s], ks)
-                        finite = jnp.stack([jnp.all(jnp.isfinite(v))
-                                            for v in jax.tree.leaves(k)])
-                        ok = jnp.all(finite)
+                        ok, failure = _failure_update(failure, k, live[s], t[s],
+                                                      row * per_row + p)
                         mine = _accumulate.update(mine, k, ok & live[s])
-                        first = (~ok) & live[s] & (t[s] < failure.sample)
-                        i32 = lambda v: jnp.asarray(v, jnp.int32)  # int64 under x64
-                        failure = Failure(
-                            jnp.where(first, i32(t[s]), failure.sample),
-                            jnp.where(first, i32(row * per_row + p), failure.block),
-                            jnp.where(first, i32(jnp.argmin(finite)), failure.leaf))
                     moments = jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine)
                     return moments, failure
 
@@ -237,6 +238,79 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         return moments, failure, split_chain(key, n)
 
     return Program(jax.jit(advance, out_shardings=(rows, rep, rep)), placement, kernel_shapes)
+
+
+def has_convolution(closed: Any) -> bool:
+    """Whether a closed jaxpr (or any program inside it) has a convolution."""
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if isinstance(inner, jcore.Jaxpr) and walk(inner):
+                        return True
+        return False
+    return walk(closed.jaxpr)
+
+
+def _failure_update(failure: Failure, ks: PyTree, live: Any, t: Any, block: Any):
+    """``(ok, failure)``: whether the kernels ``ks`` of sample ``t`` are finite, and
+    ``failure`` updated if this is the earliest non-finite one."""
+    finite = jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(ks)])
+    ok = jnp.all(finite)
+    first = (~ok) & live & (t < failure.sample)
+    i32 = lambda v: jnp.asarray(v, jnp.int32)  # int64 under x64
+    return ok, Failure(jnp.where(first, i32(t), failure.sample),
+                       jnp.where(first, i32(block), failure.block),
+                       jnp.where(first, i32(jnp.argmin(finite)), failure.leaf))
+
+
+def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
+    """``advance`` for one device as a host loop: per sample, one compiled call
+    draws the parameters and one compiled call per block adds that block's
+    kernels, in the order of the in-program loop (same numbers).
+
+    Why: XLA's CPU compiler leaves convolutions inside loop or conditional bodies
+    in the layout the program gives them, and a convolution that is not in its
+    preferred layout (e.g. the transpose that gives a kernel's gradient, which
+    Jacobians and VJPs contain) then runs on a slow generic path (JAX issue
+    #12868): measured 30-70x slower than the same program without control flow.
+    Each call here has no control flow around the kernel.
+    """
+    def draw(chain, init_args):
+        chain, split = jax.random.split(chain)
+        init_key, dropout_key = jax.random.split(split)
+        return chain, init(init_key, init_args), dropout_key
+
+    def block(moments, failure, params, dropout_key, t, p, pairs, same, leaves1, leaves2):
+        ks = kernels(params, dropout_key, same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2)
+        mine = jax.tree.map(lambda v: v[0, p], moments)
+        ok, failure = _failure_update(failure, ks, True, t, p)
+        mine = _accumulate.update(mine, ks, ok)
+        return jax.tree.map(lambda v, w: v.at[0, p].set(w), moments, mine), failure
+
+    draw = jax.jit(draw)
+    block = jax.jit(block, donate_argnums=(0,))
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # the caller keeps its input
+
+    def advance(moments, key, n, inputs: ProgramInputs):
+        valid = np.asarray(fetch(inputs.valid))
+        none = jnp.asarray(NO_FAILURE, jnp.int32)
+        failure = Failure(none, none, none)
+        moments, chain = copy(moments), key
+        for t in range(int(fetch(n))):
+            chain, params, dropout_key = draw(chain, inputs.init_args)
+            step = np.int32(t)
+            for p in range(per_row):
+                if valid[p]:
+                    moments, failure = block(moments, failure, params, dropout_key, step,
+                                             np.int32(p), inputs.pairs, inputs.same,
+                                             inputs.blocks1, inputs.blocks2)
+        return moments, failure, chain
+
+    return advance
 
 
 def raise_first_failure(failures, done, waves, plan, committed) -> None:

@@ -303,12 +303,16 @@ class _Estimator:
         if cache_key is not None and cache_key in self._programs:
             return self._programs[cache_key]
 
-        impl, vmap = self._block_kernel(names, call, blocks1, blocks2, params_struct,
-                                        cache_key and cache_key[:4])[:2]
+        impl, vmap, one, args = self._block_kernel(names, call, blocks1, blocks2,
+                                                   params_struct, cache_key and cache_key[:4])
+        # on one CPU device, convolutions run outside XLA control flow (_sampler._stepped)
+        stepped = (placement.db * placement.ds == 1 and self.samples_per_step == 1
+                   and self.devices.platform == "cpu"
+                   and _sampler.has_convolution(jax.make_jaxpr(one)(*args)))
         program = _sampler.make_program(self.planner.init(call.side1),
                                         self._one_sample(names, impl, self.options, vmap),
                                         placement, blocks1, blocks2, per_row,
-                                        call.side1.dyn, self.samples_per_step)
+                                        call.side1.dyn, self.samples_per_step, stepped)
         if cache_key is not None:
             self._programs[cache_key] = program
         return program
