@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+from jax.sharding import SingleDeviceSharding
 
 from mcntk import _accumulate, _grid
 from mcntk._apply import second_key
 from mcntk._placement import BLOCKS, SAMPLES, Placement, fetch
 from mcntk._types import PyTree
-from mcntk.errors import NonFiniteSampleError
+from mcntk.errors import NonFiniteSampleError, NotYetImplementedError
 
 NO_FAILURE = jnp.iinfo(jnp.int32).max
 
@@ -237,14 +238,29 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         failure = jax.tree.map(lambda v: v.ravel()[first], failure)
         return moments, failure, split_chain(key, n)
 
-    return Program(jax.jit(advance, out_shardings=(rows, rep, rep)), placement, kernel_shapes)
+    compiled = jax.jit(advance, out_shardings=(rows, rep, rep))
+
+    def checked(*args):
+        try:
+            return compiled(*args)
+        except NotImplementedError as e:
+            raise NotYetImplementedError(
+                f"JAX cannot build this model's kernels inside a program over a device "
+                f"mesh ({type(e).__name__}{': ' + str(e) if str(e) else ''}). A known case "
+                f"is a grouped or depthwise convolution (feature_group_count > 1), whose "
+                f"gradient JAX cannot batch when its operands carry a mesh sharding. On one "
+                f"device (device_count=0) mcntk runs such models without a mesh.") from e
+
+    return Program(checked, placement, kernel_shapes)
 
 
-def has_convolution(closed: Any) -> bool:
-    """Whether a closed jaxpr (or any program inside it) has a convolution."""
+def has_convolution(closed: Any, grouped: bool = False) -> bool:
+    """Whether a closed jaxpr (or any program inside it) has a convolution; with
+    ``grouped``, one with ``feature_group_count`` or ``batch_group_count`` above 1."""
     def walk(jaxpr) -> bool:
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
+            if eqn.primitive.name == "conv_general_dilated" and (not grouped or max(
+                    eqn.params["feature_group_count"], eqn.params["batch_group_count"]) > 1):
                 return True
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
@@ -277,7 +293,9 @@ def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
     preferred layout (e.g. the transpose that gives a kernel's gradient, which
     Jacobians and VJPs contain) then runs on a slow generic path (JAX issue
     #12868): measured 30-70x slower than the same program without control flow.
-    Each call here has no control flow around the kernel.
+    Each call here has no control flow around the kernel. The arrays are given
+    to it on the device without the mesh's sharding, which also lets JAX
+    differentiate grouped (e.g. depthwise) convolutions per example.
     """
     def draw(chain, init_args):
         chain, split = jax.random.split(chain)
@@ -296,6 +314,11 @@ def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
     copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # the caller keeps its input
 
     def advance(moments, key, n, inputs: ProgramInputs):
+        # plain single-device arrays: under a mesh sharding, JAX cannot batch the
+        # gradient of a grouped convolution (its batching rule raises NotImplementedError)
+        device = next(iter(inputs.pairs.devices()))
+        sharding = jax.tree.map(lambda v: v.sharding, moments)
+        moments, key, inputs = jax.device_put((moments, key, inputs), SingleDeviceSharding(device))
         valid = np.asarray(fetch(inputs.valid))
         none = jnp.asarray(NO_FAILURE, jnp.int32)
         failure = Failure(none, none, none)
@@ -308,7 +331,7 @@ def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
                     moments, failure = block(moments, failure, params, dropout_key, step,
                                              np.int32(p), inputs.pairs, inputs.same,
                                              inputs.blocks1, inputs.blocks2)
-        return moments, failure, chain
+        return jax.device_put(moments, sharding), failure, chain
 
     return advance
 

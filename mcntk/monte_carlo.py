@@ -305,10 +305,13 @@ class _Estimator:
 
         impl, vmap, one, args = self._block_kernel(names, call, blocks1, blocks2,
                                                    params_struct, cache_key and cache_key[:4])
-        # on one CPU device, convolutions run outside XLA control flow (_sampler._stepped)
-        stepped = (placement.db * placement.ds == 1 and self.samples_per_step == 1
-                   and self.devices.platform == "cpu"
-                   and _sampler.has_convolution(jax.make_jaxpr(one)(*args)))
+        # on one device, convolutions on a CPU (slow inside XLA control flow) and grouped
+        # ones anywhere (not batchable under a mesh sharding) run host-stepped
+        stepped = False
+        if placement.db * placement.ds == 1 and self.samples_per_step == 1:
+            closed = jax.make_jaxpr(one)(*args)
+            stepped = (_sampler.has_convolution(closed, grouped=True)
+                       or (self.devices.platform == "cpu" and _sampler.has_convolution(closed)))
         program = _sampler.make_program(self.planner.init(call.side1),
                                         self._one_sample(names, impl, self.options, vmap),
                                         placement, blocks1, blocks2, per_row,

@@ -99,7 +99,7 @@ def test_stepped_equals_the_in_program_loop(monkeypatch, spy):
 
     stepped = run()
     assert spy
-    monkeypatch.setattr(_sampler, "has_convolution", lambda closed: False)
+    monkeypatch.setattr(_sampler, "has_convolution", lambda closed, grouped=False: False)
     count = len(spy)
     looped = run()
     assert len(spy) == count  # the second run did not step
@@ -128,3 +128,47 @@ def test_non_finite_sample_is_named_when_stepped(spy):
     assert info.value.sample == 3 and info.value.block == (0, 0)
     fine = mcntk.monte_carlo_kernel_fn(init, apply_fn, key, 3, batch_size=2)
     assert np.isfinite(np.asarray(fine(_x(1, 4), _x(2, 3), "ntk"))).all()
+
+
+def _depthwise():
+    """A depthwise convolution (feature_group_count = channels), tanh, a dense readout."""
+    def init_fn(key, shape):
+        k1, k2 = jax.random.split(key)
+        w = jax.random.normal(k1, (3, 3, 1, shape[-1]))
+        v = jax.random.normal(k2, (shape[1] * shape[2] * shape[-1], 2)) / 6
+        return (shape[0], 2), (w, v)
+
+    def apply_fn(params, x, **kwargs):
+        w, v = params
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=x.shape[-1],
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.tanh(y).reshape(x.shape[0], -1) @ v
+    return init_fn, apply_fn
+
+
+def test_has_convolution_tells_grouped_ones():
+    x = jnp.ones((1, 4, 4, 2))
+    plain = jax.make_jaxpr(lambda x: jax.lax.conv_general_dilated(
+        x, jnp.ones((3, 3, 2, 2)), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x)
+    grouped = jax.make_jaxpr(lambda x: _depthwise()[1](_depthwise()[0](
+        jax.random.PRNGKey(0), x.shape)[1], x))(x)
+    assert _sampler.has_convolution(plain) and not _sampler.has_convolution(plain, grouped=True)
+    assert _sampler.has_convolution(grouped, grouped=True)
+
+
+@pytest.mark.parametrize("impl", [NI.JACOBIAN_CONTRACTION, NI.NTK_VECTOR_PRODUCTS,
+                                  NI.STRUCTURED_DERIVATIVES, NI.AUTO])
+@pytest.mark.parametrize("batch_size", [0, 2])
+def test_depthwise_convolution_matches_the_reference(impl, batch_size):
+    """JAX cannot batch a grouped convolution's gradient under a mesh sharding; the
+    stepped program runs it without one (one device)."""
+    init_fn, apply_fn = _depthwise()
+    key = jax.random.PRNGKey(2)
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 3))
+    x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 4, 3))
+    kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, batch_size=batch_size,
+                                     implementation=impl)
+    got = kf(x1, x2, NAMES)
+    want = monte_carlo(init_fn, apply_fn, key, 2, x1, x2, rng=False)
+    for name in NAMES:
+        np.testing.assert_allclose(getattr(got, name), want[name], rtol=2e-5, atol=1e-6)
