@@ -103,7 +103,8 @@ class ProgramInputs(NamedTuple):
 
 def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                  blocks1: _grid.Blocks, blocks2: _grid.Blocks | None, per_row: int,
-                 init_args: Any, per_step: int = 1, stepped: bool = False) -> Program:
+                 init_args: Any, per_step: int = 1, stepped: bool = False,
+                 grouped: bool = False) -> Program:
     """Builds the program for blocks shaped like ``blocks1`` x ``blocks2``.
 
     Args:
@@ -119,6 +120,8 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
       stepped: loop over samples and blocks on the host, one compiled call per
         sample's draw and per block (one device, ``per_step`` 1 only), instead of
         inside one program; see :func:`_stepped`.
+      grouped: the model has a grouped convolution and the NTK is wanted: JAX's
+        NotImplementedError for its gradient over a mesh is explained.
     """
     ds = placement.ds
     symmetric = blocks2 is None
@@ -239,17 +242,20 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         return moments, failure, split_chain(key, n)
 
     compiled = jax.jit(advance, out_shardings=(rows, rep, rep))
+    if not grouped:
+        return Program(compiled, placement, kernel_shapes)
 
     def checked(*args):
         try:
             return compiled(*args)
         except NotImplementedError as e:
             raise NotYetImplementedError(
-                f"JAX cannot build this model's kernels inside a program over a device "
-                f"mesh ({type(e).__name__}{': ' + str(e) if str(e) else ''}). A known case "
-                f"is a grouped or depthwise convolution (feature_group_count > 1), whose "
-                f"gradient JAX cannot batch when its operands carry a mesh sharding. On one "
-                f"device (device_count=0) mcntk runs such models without a mesh.") from e
+                f"this model has a grouped or depthwise convolution (feature_group_count > 1), "
+                f"and JAX cannot batch its gradient when the operands carry a mesh sharding, "
+                f"as they do on {placement.db * placement.ds} devices "
+                f"({type(e).__name__}{': ' + str(e) if str(e) else ''}). For the NTK of such "
+                f"a model use one device: device_count=0 without a mesh, or a mesh of one "
+                f"device; mcntk then runs it without a mesh sharding.") from e
 
     return Program(checked, placement, kernel_shapes)
 

@@ -303,19 +303,22 @@ class _Estimator:
         if cache_key is not None and cache_key in self._programs:
             return self._programs[cache_key]
 
-        impl, vmap, one, args = self._block_kernel(names, call, blocks1, blocks2,
-                                                   params_struct, cache_key and cache_key[:4])
-        # on one device, convolutions on a CPU (slow inside XLA control flow) and grouped
-        # ones anywhere (not batchable under a mesh sharding) run host-stepped
-        stepped = False
-        if placement.db * placement.ds == 1 and self.samples_per_step == 1:
-            closed = jax.make_jaxpr(one)(*args)
-            stepped = (_sampler.has_convolution(closed, grouped=True)
-                       or (self.devices.platform == "cpu" and _sampler.has_convolution(closed)))
+        impl, vmap = self._block_kernel(names, call, blocks1, blocks2, params_struct,
+                                        cache_key and cache_key[:4])[:2]
+        # Convolutions of the model (its forward program: a kernel's own vmaps turn plain
+        # convolutions into grouped ones): on one device, any on a CPU (slow inside XLA
+        # control flow) and grouped ones anywhere (not batchable under a mesh sharding)
+        # run host-stepped.
+        one, args = self._block_kernel(("nngp",), call, blocks1, blocks2, params_struct)[2:]
+        forward = jax.make_jaxpr(one)(*args)
+        grouped = _sampler.has_convolution(forward, grouped=True)
+        stepped = (placement.db * placement.ds == 1 and self.samples_per_step == 1 and (
+            grouped or (self.devices.platform == "cpu" and _sampler.has_convolution(forward))))
         program = _sampler.make_program(self.planner.init(call.side1),
                                         self._one_sample(names, impl, self.options, vmap),
                                         placement, blocks1, blocks2, per_row,
-                                        call.side1.dyn, self.samples_per_step, stepped)
+                                        call.side1.dyn, self.samples_per_step, stepped,
+                                        grouped and "ntk" in names)
         if cache_key is not None:
             self._programs[cache_key] = program
         return program

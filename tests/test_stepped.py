@@ -172,3 +172,54 @@ def test_depthwise_convolution_matches_the_reference(impl, batch_size):
     want = monte_carlo(init_fn, apply_fn, key, 2, x1, x2, rng=False)
     for name in NAMES:
         np.testing.assert_allclose(getattr(got, name), want[name], rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", [NI.JACOBIAN_CONTRACTION, NI.NTK_VECTOR_PRODUCTS,
+                                  NI.STRUCTURED_DERIVATIVES])
+def test_grouped_means_the_model_not_the_kernels_vmaps(impl, monkeypatch):
+    """A kernel's per-example vmaps turn a plain convolution's gradient into grouped
+    convolutions; only the model's own grouped convolutions count."""
+    seen = []
+    real = _sampler.make_program
+
+    def spy(*args):
+        seen.append(args[-1])  # grouped
+        return real(*args)
+
+    monkeypatch.setattr(_sampler, "make_program", spy)
+    init_fn, apply_fn = _cnn()
+    mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1,
+                                implementation=impl)(_x(1, 3), _x(2, 2), NAMES)
+    init_fn, apply_fn = _depthwise()
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 3))
+    mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1,
+                                implementation=impl)(x, None, NAMES)
+    assert seen == [False, True]
+
+
+def _unlowerable():
+    """A model with an operation that has no lowering: NotImplementedError when compiled."""
+    from jax.extend import core as jcore
+
+    prim = jcore.Primitive("mcntk_test_without_lowering")
+    prim.def_abstract_eval(lambda x: x)
+
+    @jax.custom_jvp
+    def op(x):
+        return prim.bind(x)
+
+    op.defjvp(lambda primals, tangents: (op(primals[0]), tangents[0]))
+
+    def init_fn(key, shape):
+        return (shape[0], 2), jax.random.normal(key, (shape[-1], 2))
+
+    return init_fn, lambda w, x, **kw: op(x @ w)
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_other_not_implemented_errors_are_not_explained_as_grouped_convolutions(get):
+    init_fn, apply_fn = _unlowerable()
+    kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 2)
+    with pytest.raises(NotImplementedError, match="mcntk_test_without_lowering") as info:
+        kf(jax.random.normal(jax.random.PRNGKey(1), (3, 4)), None, get)
+    assert not isinstance(info.value, mcntk.errors.NotYetImplementedError)
