@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.example_libraries import stax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from mcntk_reference import stax_serial
+from mcntk_reference import depthwise_network, stax_serial
 
 import mcntk
 from mcntk import _placement
@@ -293,25 +293,9 @@ def test_each_device_gets_its_share(placement):
         assert max(sizes) - min(sizes) <= 1, share
 
 
-def _depthwise():
-    """A depthwise convolution (feature_group_count = channels) and a dense readout."""
-    def init_fn(key, shape):
-        k1, k2 = jax.random.split(key)
-        w = jax.random.normal(k1, (3, 3, 1, shape[-1]))
-        v = jax.random.normal(k2, (shape[1] * shape[2] * shape[-1], 2))
-        return (shape[0], 2), (w, v)
-
-    def apply_fn(params, x, **kwargs):
-        w, v = params
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=x.shape[-1],
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.tanh(y).reshape(x.shape[0], -1) @ v
-    return init_fn, apply_fn
-
-
 def test_grouped_convolution_on_a_mesh_names_the_way_out():
     x = _x(5, (4, 4, 4, 2))
     with pytest.raises(mcntk.errors.NotYetImplementedError, match=r"device_count=0"):
-        estimate(_depthwise(), x, None, device_count=-1)
-    one = estimate(_depthwise(), x, None, device_count=0)
+        estimate(depthwise_network(), x, None, device_count=-1)
+    one = estimate(depthwise_network(), x, None, device_count=0)
     assert np.isfinite(np.asarray(one.ntk)).all()

@@ -93,3 +93,20 @@ def stax_serial(*layers):
 
     init_fn, apply_fn = stax.serial(*layers)
     return init_fn, lenient(apply_fn)
+
+
+def depthwise_network():
+    """``(init_fn, apply_fn)``: a depthwise convolution (``feature_group_count`` = the
+    input's channels, NHWC), tanh and a dense readout to 2 outputs."""
+    def init_fn(key, shape):
+        k1, k2 = jax.random.split(key)
+        w = jax.random.normal(k1, (3, 3, 1, shape[-1]))
+        v = jax.random.normal(k2, (shape[1] * shape[2] * shape[-1], 2)) / 6
+        return (shape[0], 2), (w, v)
+
+    def apply_fn(params, x, **kwargs):
+        w, v = params
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=x.shape[-1],
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.tanh(y).reshape(x.shape[0], -1) @ v
+    return init_fn, apply_fn

@@ -12,7 +12,7 @@ from jax.example_libraries import stax
 import mcntk
 from mcntk import _sampler
 from mcntk.errors import NonFiniteSampleError
-from tests.mcntk_reference import monte_carlo, stax_serial
+from tests.mcntk_reference import depthwise_network, monte_carlo, stax_serial
 
 NI = mcntk.NtkImplementation
 NAMES = ("nngp", "ntk")
@@ -130,27 +130,11 @@ def test_non_finite_sample_is_named_when_stepped(spy):
     assert np.isfinite(np.asarray(fine(_x(1, 4), _x(2, 3), "ntk"))).all()
 
 
-def _depthwise():
-    """A depthwise convolution (feature_group_count = channels), tanh, a dense readout."""
-    def init_fn(key, shape):
-        k1, k2 = jax.random.split(key)
-        w = jax.random.normal(k1, (3, 3, 1, shape[-1]))
-        v = jax.random.normal(k2, (shape[1] * shape[2] * shape[-1], 2)) / 6
-        return (shape[0], 2), (w, v)
-
-    def apply_fn(params, x, **kwargs):
-        w, v = params
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=x.shape[-1],
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.tanh(y).reshape(x.shape[0], -1) @ v
-    return init_fn, apply_fn
-
-
 def test_has_convolution_tells_grouped_ones():
     x = jnp.ones((1, 4, 4, 2))
     plain = jax.make_jaxpr(lambda x: jax.lax.conv_general_dilated(
         x, jnp.ones((3, 3, 2, 2)), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x)
-    grouped = jax.make_jaxpr(lambda x: _depthwise()[1](_depthwise()[0](
+    grouped = jax.make_jaxpr(lambda x: depthwise_network()[1](depthwise_network()[0](
         jax.random.PRNGKey(0), x.shape)[1], x))(x)
     assert _sampler.has_convolution(plain) and not _sampler.has_convolution(plain, grouped=True)
     assert _sampler.has_convolution(grouped, grouped=True)
@@ -162,7 +146,7 @@ def test_has_convolution_tells_grouped_ones():
 def test_depthwise_convolution_matches_the_reference(impl, batch_size):
     """JAX cannot batch a grouped convolution's gradient under a mesh sharding; the
     stepped program runs it without one (one device)."""
-    init_fn, apply_fn = _depthwise()
+    init_fn, apply_fn = depthwise_network()
     key = jax.random.PRNGKey(2)
     x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 3))
     x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 4, 3))
@@ -190,7 +174,7 @@ def test_grouped_means_the_model_not_the_kernels_vmaps(impl, monkeypatch):
     init_fn, apply_fn = _cnn()
     mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1,
                                 implementation=impl)(_x(1, 3), _x(2, 2), NAMES)
-    init_fn, apply_fn = _depthwise()
+    init_fn, apply_fn = depthwise_network()
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 3))
     mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1,
                                 implementation=impl)(x, None, NAMES)
