@@ -14,7 +14,7 @@ from mcntk import _apply, _grid, _inputs
 from mcntk._axes import AxesRule
 from mcntk._types import PyTree
 from mcntk.empirical import KernelSpec
-from mcntk.ntk import auto
+from mcntk.ntk import _program, auto
 
 
 class Planner:
@@ -36,8 +36,9 @@ class Planner:
         return self.spec.apply_fn(params, x, **kwargs)
 
     def abstract(self, call: _inputs.Call) -> tuple:
-        """``(params, f(x1), f(x2), batch axes of f(x1)'s leaves)``, all abstract: the
-        model traced at the call's shapes, once per call signature (then cached)."""
+        """``(params, f(x1), f(x2), batch axes of f(x1)'s leaves, whether f reads its
+        rng)``, all abstract: the model traced at the call's shapes, once per call
+        signature (then cached)."""
         sides = [call.side1] + ([] if call.symmetric else [call.side2])
         key = (auto.signature([(s.x, s.dyn) for s in sides]),
                tuple((tuple(map(str, s.x_axes)), tuple(map(str, s.dyn_axes)), tuple(s.names))
@@ -51,7 +52,8 @@ class Planner:
         vmap = self.spec.vmap_axes
         batch_axes = _inputs.output_batch_axes(self.apply_for_shapes, params_struct, side1,
                                                None if vmap is None else vmap.out_axes)
-        found = (params_struct, out, out2, batch_axes)
+        found = (params_struct, out, out2, batch_axes,
+                 self.rng and _reads_rng(self.spec.apply_fn, params_struct, side1, self.key))
         if call.static is not None:
             if len(self._shapes) >= auto.CACHE_LIMIT:
                 self._shapes.clear()
@@ -69,7 +71,10 @@ class Planner:
             batch_size < max(n1, n2))
         if split:  # before the model sees them: keyword arguments must be cut per block
             self._check_kwargs_splittable(call, batch_size)
-        params_struct, out, out2, batch_axes = self.abstract(call)
+        params_struct, out, out2, batch_axes, reads_rng = self.abstract(call)
+        # blocks (i, j) and (j, i) see different dropout keys, so (j, i) is the
+        # transpose of (i, j) only when the model's outputs do not depend on its rng
+        mirror = not reads_rng
         leaves, treedef = jax.tree.flatten(out)
         trace, diagonal_axes = self.spec.axes
         traced = False
@@ -85,7 +90,7 @@ class Planner:
                              f"examples; to get one entry per pair of examples, pass "
                              f"`trace_axes`=().") from e
         if not split:
-            plan = _grid.GridPlan(n1 or 1, n2 or 1, 0, call.symmetric, not self.rng, False)
+            plan = _grid.GridPlan(n1 or 1, n2 or 1, 0, call.symmetric, mirror, False)
             return plan, [None] * len(leaves), treedef, params_struct
         self._check_splittable([o.shape for o in leaves], rules, batch_axes, batch_size)
         layouts = [_grid.layout(r, a) for r, a in zip(rules, batch_axes)]
@@ -96,9 +101,7 @@ class Planner:
                 f"diagonal in every output leaf or in none; `diagonal_axes`="
                 f"{self.spec.axes.diagonal} makes it diagonal in some output leaves only "
                 f"(output shapes {[o.shape for o in leaves]}).")
-        # with an rng, blocks (i, j) and (j, i) see different dropout keys: no mirroring
-        plan = _grid.GridPlan(n1, n2, batch_size, call.symmetric, not self.rng,
-                              diagonal.pop())
+        plan = _grid.GridPlan(n1, n2, batch_size, call.symmetric, mirror, diagonal.pop())
         return plan, layouts, treedef, params_struct
 
     def _check_splittable(self, shapes, rules, batch_axes, b: int) -> None:
@@ -136,3 +139,19 @@ class Planner:
                         f"keyword argument `{kw}` has {jnp.shape(v)[a]} rows on its batch axis "
                         f"{a} (shape {jnp.shape(v)}), but `{name}` has {side.size} examples; "
                         f"`batch_size`={b} needs one row per example.")
+
+
+def _reads_rng(apply_fn: Callable, params: PyTree, side: _inputs.Side, key: Any) -> bool:
+    """Whether ``apply_fn(params, x, rng=key, **kwargs)``'s outputs depend on ``key``.
+
+    Decided on the jaxpr by following the values computed from the key: an
+    operation that reads one makes all its results depend on it (sub-programs
+    included, so the answer errs towards "depends"). A model that accepts an
+    ``rng`` and draws nothing (no dropout, or dropout switched off by a Python
+    flag) does not depend on it."""
+    def fn(p, x, dyn, k):
+        return apply_fn(p, x, **side.rebuild(dyn), rng=k)
+
+    jaxpr = jax.make_jaxpr(fn)(params, side.x, side.dyn, key).jaxpr
+    keys = jaxpr.invars[len(jaxpr.invars) - len(jax.tree.leaves(key)):]  # the last ones
+    return any(_program.depends(jaxpr, keys, jaxpr.outvars))

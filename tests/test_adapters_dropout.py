@@ -193,3 +193,51 @@ def test_equinox_gets_one_key_per_example():
     params = model.init(jax.random.PRNGKey(0), x.shape)[1]
     out = model.apply(params, x, rng=jax.random.PRNGKey(1))
     assert not np.allclose(out[0], out[1])  # identical examples, independent masks
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_x2_none_blocks_follow_the_key_rule(framework, monkeypatch):
+    """With x2=None cut into blocks, block (j, i) sees other dropout masks than block
+    (i, j) (f(x1) gets the sample's key, f(x2) the folded one), so it is computed, not
+    mirrored: each block against the key schedule written out for that block."""
+    from mcntk import _grid
+
+    mirrors = []
+    pairs = _grid.GridPlan.pairs
+    monkeypatch.setattr(_grid.GridPlan, "pairs",
+                        lambda self: mirrors.append(self.mirror) or pairs(self))
+    model = make_model(framework)
+    x = jax.random.normal(jax.random.PRNGKey(4), (4, D))
+    key = jax.random.PRNGKey(3)
+    got = mcntk.monte_carlo_kernel_fn(*model, key, 2, batch_size=2)(x, None, "ntk")
+    assert mirrors and not any(mirrors)
+    xs = [x[:2], x[2:]]
+    expected = np.block([[reference.monte_carlo(*model, key, 2, xs[i], None if i == j else
+                                                xs[j])["ntk"] for j in range(2)]
+                         for i in range(2)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected[2:, :2], expected[:2, 2:].T, rtol=1e-3)  # not mirrored
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_x2_none_blocks_mirror_when_the_rng_is_not_read(deterministic, monkeypatch):
+    """A model that takes an rng but draws nothing with it (dropout switched off by a
+    Python flag) gets only the blocks i <= j of x2=None computed, the others mirrored."""
+    from mcntk import _grid
+
+    mirrors = []
+    pairs = _grid.GridPlan.pairs
+    monkeypatch.setattr(_grid.GridPlan, "pairs",
+                        lambda self: mirrors.append(self.mirror) or pairs(self))
+    model = make_model("linen")
+    x = jax.random.normal(jax.random.PRNGKey(4), (6, D))
+    key = jax.random.PRNGKey(3)
+    kf = mcntk.monte_carlo_kernel_fn(*model, key, 2, batch_size=2)
+    got = kf(x, None, ("nngp", "ntk"), deterministic=deterministic)
+    assert mirrors and all(m == deterministic for m in mirrors)
+    whole = mcntk.monte_carlo_kernel_fn(*model, key, 2)(x, None, ("nngp", "ntk"),
+                                                       deterministic=deterministic)
+    if deterministic:  # the same kernel as one block; with dropout, blocks see other masks
+        for name in ["nngp", "ntk"]:
+            np.testing.assert_allclose(getattr(got, name), getattr(whole, name), rtol=1e-5,
+                                       atol=1e-6)

@@ -246,3 +246,25 @@ def test_vector_products_in_chunks(monkeypatch, vmap_axes, x2_none):
     ref = make(1)(x1, x2, params)
     monkeypatch.setattr(vector_products, "_MAX_IN_FLIGHT", 5)
     close(make(2)(x1, x2, params), ref)
+
+
+def test_reads_rng_follows_the_key_through_sub_programs():
+    """Mirroring blocks of x2=None needs outputs that do not depend on the rng; the
+    decision follows the key into jitted calls and control flow."""
+    from mcntk import _inputs, _planning
+
+    side = _inputs.prepare(_x(1, (4, 3)), None, {}, None).side1
+    params = jnp.ones((3,))
+    key = jax.random.PRNGKey(0)
+    noise = lambda k, x: jax.random.bernoulli(k, 0.5, x.shape) * x
+    models = {
+        "ignored": (lambda p, x, rng=None: x @ p, False),
+        "split, unused": (lambda p, x, rng=None: (jax.random.split(rng), x @ p)[1], False),
+        "drawn": (lambda p, x, rng=None: noise(rng, x) @ p, True),
+        "inside jit": (lambda p, x, rng=None: jax.jit(noise)(rng, x) @ p, True),
+        "inside cond": (lambda p, x, rng=None: jax.lax.cond(
+            p[0] > 0, noise, lambda k, x: x, rng, x) @ p, True),
+        "tuple output": (lambda p, x, rng=None: (x @ p, noise(rng, x)), True),
+    }
+    for name, (apply_fn, expected) in models.items():
+        assert _planning._reads_rng(apply_fn, params, side, key) == expected, name

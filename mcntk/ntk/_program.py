@@ -192,3 +192,16 @@ def trace(fn: Callable[..., Any], *args: Any) -> Program:
     program.outputs = program._inline(closed.jaxpr, closed.consts, program.inputs)
     program.out_tree = jax.tree.structure(out_shape)
     return program
+
+
+def depends(jaxpr: jcore.Jaxpr, sources: Sequence[Any], values: Sequence[Any]) -> list[bool]:
+    """Whether each of ``values`` (variables or literals of ``jaxpr``) is computed from
+    ``sources`` (its input variables). An equation reading such a value makes all its
+    results depend on them; sub-programs are not looked into, so the answer errs
+    towards "depends"."""
+    found = set(sources)
+    reads = lambda v: not isinstance(v, jcore.Literal) and v in found
+    for eqn in jaxpr.eqns:
+        if any(reads(v) for v in eqn.invars):
+            found.update(eqn.outvars)
+    return [reads(v) for v in values]

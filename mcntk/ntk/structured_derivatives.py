@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
 
 from mcntk._types import PyTree
 from mcntk.ntk import _contract, _cotangents, _layouts, _program, _structure
@@ -146,14 +145,11 @@ def _cotangent_axes(one, example: tuple) -> list[dict]:
     Decided on the jaxpr of ``one``: an equation's results depend on the example if
     any of its operands does (sub-programs are not looked into: conservative)."""
     closed, (_, _, cotangents) = jax.make_jaxpr(one, return_shape=True)(*example)
-    depends = set(closed.jaxpr.invars)
-    for eqn in closed.jaxpr.eqns:
-        if any(not isinstance(v, jcore.Literal) and v in depends for v in eqn.invars):
-            depends.update(eqn.outvars)
+    jaxpr = closed.jaxpr
     leaves, treedef = jax.tree.flatten(cotangents)
-    outs = closed.jaxpr.outvars[len(closed.jaxpr.outvars) - len(leaves):]  # the last ones
-    return jax.tree.unflatten(treedef, [
-        0 if not isinstance(v, jcore.Literal) and v in depends else None for v in outs])
+    outs = jaxpr.outvars[len(jaxpr.outvars) - len(leaves):]  # the last ones
+    found = _program.depends(jaxpr, jaxpr.invars, outs)
+    return jax.tree.unflatten(treedef, [0 if d else None for d in found])
 
 
 def _split(ev: _Evaluated, n1: int) -> tuple[_Evaluated, _Evaluated]:
