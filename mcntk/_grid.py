@@ -151,9 +151,12 @@ class Blocks(NamedTuple):
 
     def block(self, i: Any) -> _inputs.Side:
         """Block ``i`` (may be traced) as a side of its own."""
-        leaves = [jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) if b else v
-                  for v, b in zip(self.leaves, self.batched)]
-        return self.rebuild(leaves)
+        return self.rebuild(self.block_leaves(i))
+
+    def block_leaves(self, i: Any) -> list:
+        """The leaves of block ``i`` (may be traced)."""
+        return [jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) if b else v
+                for v, b in zip(self.leaves, self.batched)]
 
     def first_leaves(self) -> list:
         """The leaves of one block, abstract where they are cut."""

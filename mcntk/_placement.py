@@ -175,10 +175,14 @@ class Placement(NamedTuple):
     def layout(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """``(order, valid)`` for ``count`` blocks: position ``r * q + u`` of the stacked
         blocks (block row ``r``, its ``u``-th block) holds block ``order[...]``;
-        ``valid`` is False for padding."""
+        ``valid`` is False for padding. Block rows get consecutive blocks (so blocks of
+        one grid row stay together: their x1 part is computed once, :mod:`_staging`),
+        as many as the others or one fewer."""
         q = max(1, math.ceil(count / self.db))
-        order = np.array([u * self.db + r for r in range(self.db) for u in range(q)])
-        valid = order < count
+        sizes = [count // self.db + (r < count % self.db) for r in range(self.db)]
+        starts = np.cumsum([0] + sizes[:-1])
+        order = np.array([starts[r] + u for r in range(self.db) for u in range(q)])
+        valid = np.array([u < sizes[r] for r in range(self.db) for u in range(q)])
         return np.where(valid, order, 0).astype(np.int32), valid
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.sharding import SingleDeviceSharding
 
-from mcntk import _accumulate, _grid
+from mcntk import _accumulate, _grid, _staging
 from mcntk._apply import second_key
 from mcntk._placement import BLOCKS, SAMPLES, Placement, fetch
 from mcntk._types import PyTree
@@ -104,7 +104,7 @@ class ProgramInputs(NamedTuple):
 def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                  blocks1: _grid.Blocks, blocks2: _grid.Blocks | None, per_row: int,
                  init_args: Any, per_step: int = 1, stepped: bool = False,
-                 grouped: bool = False) -> Program:
+                 grouped: bool = False, reuse: bool = False) -> Program:
     """Builds the program for blocks shaped like ``blocks1`` x ``blocks2``.
 
     Args:
@@ -122,32 +122,53 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
         inside one program; see :func:`_stepped`.
       grouped: the model has a grouped convolution and the NTK is wanted: JAX's
         NotImplementedError for its gradient over a mesh is explained.
+      reuse: blocks of one block row follow each other on a device (two-sided blocks
+        only): what a block computes from x1's block alone is computed once per row
+        and sample (:mod:`mcntk._staging`), ``per_step`` 1 only.
     """
     ds = placement.ds
     symmetric = blocks2 is None
+    params_shapes = jax.eval_shape(lambda k, a: init(k, a), jax.random.PRNGKey(0), init_args)
+    flat = _two_sided(one_sample, blocks1, blocks2)
+    stages = None
+    if reuse and not symmetric and per_step == 1:
+        stages = block_stages(one_sample, params_shapes, blocks1, blocks2)
 
-    def kernels(params, dropout_key, same, i, j, leaves1, leaves2):
-        b1 = blocks1._replace(leaves=leaves1).block(i)
+    def early_args(params, dropout_key, i, leaves1):
+        return params, dropout_key, blocks1._replace(leaves=leaves1).block_leaves(i)
+
+    def late_args(dropout_key, same, j, leaves2):
+        return (second_key(dropout_key, same),
+                blocks2._replace(leaves=leaves2).block_leaves(j))
+
+    def kernels(params, dropout_key, same, i, j, leaves1, leaves2, residuals=None):
+        """One block's kernels (``residuals``: its row's early stage, if staged)."""
         if symmetric:
+            b1 = blocks1._replace(leaves=leaves1).block(i)
             return one_sample(params, dropout_key, dropout_key, b1, None)
-        b2 = blocks2._replace(leaves=leaves2).block(j)
-        return one_sample(params, dropout_key, second_key(dropout_key, same), b1, b2)
+        early = early_args(params, dropout_key, i, leaves1)
+        late = late_args(dropout_key, same, j, leaves2)
+        if residuals is None:
+            return flat(early, late)
+        return stages.late(early, late, residuals)
 
     def shapes():
-        params = jax.eval_shape(lambda k, a: init(k, a), jax.random.PRNGKey(0), init_args)
         first2 = None if symmetric else blocks2.first_leaves()
 
         def one(p, k, leaves1, leaves2):
             b2 = None if symmetric else blocks2.rebuild(leaves2)
             return one_sample(p, k, k, blocks1.rebuild(leaves1), b2)
 
-        return jax.eval_shape(one, params, jax.random.PRNGKey(0), blocks1.first_leaves(), first2)
+        return jax.eval_shape(one, params_shapes, jax.random.PRNGKey(0),
+                              blocks1.first_leaves(), first2)
 
     kernel_shapes = shapes()
     if stepped:
         if placement.db * placement.ds != 1 or per_step != 1:
             raise ValueError("a stepped program runs on one device, one sample at a time")
-        return Program(_stepped(init, kernels, per_row), placement, kernel_shapes)
+        early = None if stages is None else (
+            lambda *a: stages.early(early_args(*a)))
+        return Program(_stepped(init, kernels, per_row, early), placement, kernel_shapes)
 
     c = per_step
 
@@ -190,9 +211,17 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
 
             def block(p, state):
                 def compute(state):
-                    moments, failure = state
+                    moments, failure, last, residuals = state  # last: x1 block of residuals
                     args = (same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2)
-                    if c == 1:
+                    if stages is not None:  # x1's part once per row (c == 1)
+                        i, mine = pairs[p, 0], jax.tree.map(lambda v: v[0], params)
+                        residuals = jax.lax.cond(
+                            i == last, lambda: residuals,
+                            lambda: stages.early(early_args(mine, dropout_keys[0], i, leaves1)))
+                        last = i
+                        ks = jax.tree.map(lambda v: v[None], kernels(
+                            mine, dropout_keys[0], *args, residuals))
+                    elif c == 1:
                         ks = jax.tree.map(lambda v: v[None], kernels(
                             jax.tree.map(lambda v: v[0], params), dropout_keys[0], *args))
                     else:
@@ -205,11 +234,15 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                                                       row * per_row + p)
                         mine = _accumulate.update(mine, k, ok & live[s])
                     moments = jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine)
-                    return moments, failure
+                    return moments, failure, last, residuals
 
                 return jax.lax.cond(valid[p], compute, lambda s: s, state)
 
-            moments, failure = jax.lax.fori_loop(0, per_row, block, (moments, failure))
+            # no row's residuals yet for this sample's params
+            fresh = ([] if stages is None else
+                     [jnp.zeros(r.shape, r.dtype) for r in stages.residuals])
+            moments, failure, _, _ = jax.lax.fori_loop(
+                0, per_row, block, (moments, failure, jnp.asarray(-1, pairs.dtype), fresh))
             return chain, moments, failure
 
         none = jnp.asarray(NO_FAILURE, jnp.int32)
@@ -260,6 +293,24 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
     return Program(checked, placement, kernel_shapes)
 
 
+def _two_sided(one_sample: OneSample, blocks1: _grid.Blocks, blocks2: _grid.Blocks | None):
+    """A two-sided block's kernels as ``fn(early, late)``: ``early`` = (params, f(x1)'s
+    key, x1's block leaves), ``late`` = (f(x2)'s key, x2's block leaves)."""
+    def flat(early, late):
+        (params, k1, leaves1), (k2, leaves2) = early, late
+        return one_sample(params, k1, k2, blocks1.rebuild(leaves1), blocks2.rebuild(leaves2))
+    return flat
+
+
+def block_stages(one_sample: OneSample, params_shapes: PyTree, blocks1: _grid.Blocks,
+                 blocks2: _grid.Blocks) -> _staging.Stages | None:
+    """The two-sided block program split into x1's part and the rest (or None)."""
+    key = jax.random.PRNGKey(0)
+    return _staging.split(_two_sided(one_sample, blocks1, blocks2),
+                          (params_shapes, key, blocks1.first_leaves()),
+                          (key, blocks2.first_leaves()))
+
+
 def has_convolution(closed: Any, grouped: bool = False) -> bool:
     """Whether a closed jaxpr (or any program inside it) has a convolution; with
     ``grouped``, one with ``feature_group_count`` or ``batch_group_count`` above 1."""
@@ -289,10 +340,13 @@ def _failure_update(failure: Failure, ks: PyTree, live: Any, t: Any, block: Any)
                        jnp.where(first, i32(jnp.argmin(finite)), failure.leaf))
 
 
-def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
+def _stepped(init: Callable, kernels: Callable, per_row: int,
+             early: Callable | None = None) -> Callable:
     """``advance`` for one device as a host loop: per sample, one compiled call
     draws the parameters and one compiled call per block adds that block's
-    kernels, in the order of the in-program loop (same numbers).
+    kernels, in the order of the in-program loop (same numbers). With ``early``
+    (``(params, dropout_key, i, leaves1) -> residuals``), one more call per block
+    row computes the row's residuals for its blocks.
 
     Why: XLA's CPU compiler leaves convolutions inside loop or conditional bodies
     in the layout the program gives them, and a convolution that is not in its
@@ -308,8 +362,10 @@ def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
         init_key, dropout_key = jax.random.split(split)
         return chain, init(init_key, init_args), dropout_key
 
-    def block(moments, failure, params, dropout_key, t, p, pairs, same, leaves1, leaves2):
-        ks = kernels(params, dropout_key, same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2)
+    def block(moments, failure, params, dropout_key, t, p, pairs, same, leaves1, leaves2,
+              residuals):
+        ks = kernels(params, dropout_key, same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2,
+                     residuals)
         mine = jax.tree.map(lambda v: v[0, p], moments)
         ok, failure = _failure_update(failure, ks, True, t, p)
         mine = _accumulate.update(mine, ks, ok)
@@ -317,6 +373,7 @@ def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
 
     draw = jax.jit(draw)
     block = jax.jit(block, donate_argnums=(0,))
+    early = None if early is None else jax.jit(early)
     copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # the caller keeps its input
 
     def advance(moments, key, n, inputs: ProgramInputs):
@@ -326,17 +383,23 @@ def _stepped(init: Callable, kernels: Callable, per_row: int) -> Callable:
         sharding = jax.tree.map(lambda v: v.sharding, moments)
         moments, key, inputs = jax.device_put((moments, key, inputs), SingleDeviceSharding(device))
         valid = np.asarray(fetch(inputs.valid))
+        rows = np.asarray(fetch(inputs.pairs))[:, 0]
         none = jnp.asarray(NO_FAILURE, jnp.int32)
         failure = Failure(none, none, none)
         moments, chain = copy(moments), key
         for t in range(int(fetch(n))):
             chain, params, dropout_key = draw(chain, inputs.init_args)
             step = np.int32(t)
+            row, residuals = None, None
             for p in range(per_row):
-                if valid[p]:
-                    moments, failure = block(moments, failure, params, dropout_key, step,
-                                             np.int32(p), inputs.pairs, inputs.same,
-                                             inputs.blocks1, inputs.blocks2)
+                if not valid[p]:
+                    continue
+                if early is not None and rows[p] != row:
+                    row = rows[p]
+                    residuals = early(params, dropout_key, row, inputs.blocks1)
+                moments, failure = block(moments, failure, params, dropout_key, step,
+                                         np.int32(p), inputs.pairs, inputs.same,
+                                         inputs.blocks1, inputs.blocks2, residuals)
         return jax.device_put(moments, sharding), failure, chain
 
     return advance

@@ -286,7 +286,13 @@ class _Estimator:
         return self.spec.per_example_axes(key if call.static is not None else None,
                                           params_struct, sides, self.key if self.rng else None)
 
-    def _program(self, names, call, blocks1, blocks2, count, params_struct):
+    def _reuse(self, pairs) -> bool:
+        """Whether two-sided blocks ``pairs`` compute x1's part once per grid row: rows
+        of several blocks, run together on the devices (:mod:`mcntk._staging`)."""
+        return (self.on_device and self.samples_per_step == 1
+                and len({i for i, _ in pairs}) < len(pairs))
+
+    def _program(self, names, call, blocks1, blocks2, count, params_struct, reuse=False):
         placement = _placement.place(self.devices, count)
         per_row = max(1, -(-count // placement.db))
         if not self.on_device:
@@ -295,8 +301,9 @@ class _Estimator:
                              None if blocks2 is None else blocks2.first_leaves())
         # whether leaves are cut into stacked blocks changes the program, not the block shapes
         cut = (tuple(blocks1.batched), None if blocks2 is None else tuple(blocks2.batched))
+        reuse = reuse and per_row > 1
         cache_key = (names, sig, blocks2 is None, call.static, per_row, self.samples_per_step,
-                     cut,
+                     cut, reuse,
                      tuple(d.id for d in placement.mesh.devices.flat), placement.mesh.devices.shape,
                      auto.signature(call.side1.x, call.side1.dyn))
         cache_key = cache_key if call.static is not None else None
@@ -314,11 +321,12 @@ class _Estimator:
         grouped = _sampler.has_convolution(forward, grouped=True)
         stepped = (placement.db * placement.ds == 1 and self.samples_per_step == 1 and (
             grouped or (self.devices.platform == "cpu" and _sampler.has_convolution(forward))))
+        options = self.options._replace(separate_sides=reuse)
         program = _sampler.make_program(self.planner.init(call.side1),
-                                        self._one_sample(names, impl, self.options, vmap),
+                                        self._one_sample(names, impl, options, vmap),
                                         placement, blocks1, blocks2, per_row,
                                         call.side1.dyn, self.samples_per_step, stepped,
-                                        grouped and "ntk" in names)
+                                        grouped and "ntk" in names, reuse)
         if cache_key is not None:
             self._programs[cache_key] = program
         return program
@@ -377,11 +385,18 @@ class _Estimator:
         blocks1 = plan.split(call.side1, True)
         blocks2 = blocks1 if call.symmetric else plan.split(call.side2, False)
         peak, per_block = 0, 0
-        for symmetric in plan.groups():  # diagonal blocks of x2=None run a one-sided program
+        for symmetric, pairs in plan.groups().items():  # diagonal blocks of x2=None: one side
             b2 = None if symmetric else blocks2
-            _, _, one, args = self._block_kernel(names, call, blocks1, b2, params_struct)
+            impl, vmap, one, args = self._block_kernel(names, call, blocks1, b2, params_struct)
             memory = jax.jit(one).lower(*args).compile().memory_analysis()
-            peak = max(peak, _budget.peak_bytes(memory))
+            kept = 0  # a row's x1 part, kept across its blocks (and the next row's, made)
+            if not symmetric and self._reuse(pairs):
+                fn = self._one_sample(names, impl, self.options._replace(separate_sides=True),
+                                      vmap)
+                stages = _sampler.block_stages(fn, params_struct, blocks1, b2)
+                kept = 0 if stages is None else 2 * sum(
+                    math.prod(r.shape) * r.dtype.itemsize for r in stages.residuals)
+            peak = max(peak, _budget.peak_bytes(memory) + kept)
             per_block = max(per_block, sum(
                 math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
                 for v in jax.tree.leaves(jax.eval_shape(one, *args))))
@@ -406,7 +421,8 @@ class _Estimator:
         waves = []
         for symmetric, pairs in plan.groups().items():
             b2 = None if symmetric else blocks2
-            program = self._program(names, call, blocks1, b2, len(pairs), params_struct)
+            program = self._program(names, call, blocks1, b2, len(pairs), params_struct,
+                                    b2 is not None and self._reuse(pairs))
             waves.extend(self._waves(program, plan, pairs, blocks1, b2, call))
         identity = (call, names, params_struct, blocks1, batch_size)
         return self._loop(plan, waves, layouts, treedef, counts, run, identity)

@@ -3,6 +3,8 @@ with a convolution runs one compiled call per sample and block instead of inside
 XLA loop. It must give the numbers of the in-program loop, and of the brute-force
 reference, with every run feature (blocks, x2=None, stderr, generators, failures)."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,9 +168,9 @@ def test_grouped_means_the_model_not_the_kernels_vmaps(impl, monkeypatch):
     seen = []
     real = _sampler.make_program
 
-    def spy(*args):
-        seen.append(args[-1])  # grouped
-        return real(*args)
+    def spy(*args, **kwargs):
+        seen.append(inspect.signature(real).bind(*args, **kwargs).arguments["grouped"])
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(_sampler, "make_program", spy)
     init_fn, apply_fn = _cnn()

@@ -57,10 +57,14 @@ class Options(NamedTuple):
         AUTO sets it while it costs candidates.
       platform: the platform of the devices that run the kernel (``'cpu'``,
         ``'gpu'``, ``'tpu'``); None means ``jax.default_backend()``.
+      separate_sides: compute what depends on x1 apart from what depends on x2 (no
+        joint batch of both sides' examples), so that x1's part can serve several
+        blocks of a grid row (:mod:`mcntk._staging`).
     """
 
     loop_free: bool = False
     platform: str | None = None
+    separate_sides: bool = False
 
     def on_cpu(self) -> bool:
         return (self.platform or jax.default_backend()) == "cpu"

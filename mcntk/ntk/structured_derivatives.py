@@ -234,14 +234,14 @@ def _kernel(rule, ev1: _Evaluated, ev2: _Evaluated, index: int, n_params: int,
 
 def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes, options: Options):
     """``(f(x1), f(x2), NTK)`` by structured derivatives; see the module docstring."""
-    del options  # no loops to unroll, nothing platform-specific
     params = list(params)
     prog1 = _trace(side1, params)
     struct1 = _structure.analyse(prog1, len(params))
     if side2 is None:
         struct1, _ = _structure.pair(struct1, struct1)
         ev1 = ev2 = _evaluate(side1, prog1, struct1, params)
-    elif (joint := _joint(side1, side2)) is not None:  # one batch of x1's and x2's examples
+    elif not options.separate_sides and (joint := _joint(side1, side2)) is not None:
+        # one batch of x1's and x2's examples
         struct1, _ = _structure.pair(struct1, struct1)
         ev1, ev2 = _split(_evaluate(joint[0], prog1, struct1, params), joint[1])
     else:
