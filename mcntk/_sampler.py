@@ -209,40 +209,55 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
             params = sample_params(init_keys, init_args, live)
             t = index * ds + r  # sample numbers within the step
 
+            def add(p, state, ks):
+                """Block ``p``'s kernels (leading axis: the step's samples) added."""
+                moments, failure = state
+                mine = jax.tree.map(lambda v: v[p], moments)
+                for s in range(c):  # in sample order, as a sequential run adds them
+                    k = jax.tree.map(lambda v, s=s: v[s], ks)
+                    ok, failure = _failure_update(failure, k, live[s], t[s], row * per_row + p)
+                    mine = _accumulate.update(mine, k, ok & live[s])
+                return jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine), failure
+
+            if stages is not None:  # c == 1: per block row, x1's part, then its blocks
+                one = jax.tree.map(lambda v: v[0], params)
+                first = dropout_keys[0]
+                # this device's valid blocks are a prefix; a row starts where i changes
+                starts = valid & jnp.concatenate(
+                    [jnp.ones((1,), bool), pairs[1:, 0] != pairs[:-1, 0]])
+                count = jnp.sum(valid.astype(jnp.int32))
+                bounds = jnp.append(jnp.nonzero(starts, size=per_row, fill_value=count)[0],
+                                    count)
+
+                def block_row(u, state):
+                    lo, hi = bounds[u], bounds[u + 1]
+                    residuals = stages.early(early_args(one, first, pairs[lo, 0], leaves1))
+
+                    def block(p, state):
+                        ks = kernels(one, first, same[p], pairs[p, 0], pairs[p, 1], leaves1,
+                                     leaves2, residuals)
+                        return add(p, state, jax.tree.map(lambda v: v[None], ks))
+
+                    return jax.lax.fori_loop(lo, hi, block, state)
+
+                moments, failure = jax.lax.fori_loop(0, jnp.sum(starts.astype(jnp.int32)),
+                                                     block_row, (moments, failure))
+                return chain, moments, failure
+
             def block(p, state):
                 def compute(state):
-                    moments, failure, last, residuals = state  # last: x1 block of residuals
                     args = (same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2)
-                    if stages is not None:  # x1's part once per row (c == 1)
-                        i, mine = pairs[p, 0], jax.tree.map(lambda v: v[0], params)
-                        residuals = jax.lax.cond(
-                            i == last, lambda: residuals,
-                            lambda: stages.early(early_args(mine, dropout_keys[0], i, leaves1)))
-                        last = i
-                        ks = jax.tree.map(lambda v: v[None], kernels(
-                            mine, dropout_keys[0], *args, residuals))
-                    elif c == 1:
+                    if c == 1:
                         ks = jax.tree.map(lambda v: v[None], kernels(
                             jax.tree.map(lambda v: v[0], params), dropout_keys[0], *args))
                     else:
                         ks = jax.vmap(lambda pr, dk: kernels(pr, dk, *args))(params,
                                                                             dropout_keys)
-                    mine = jax.tree.map(lambda v: v[p], moments)
-                    for s in range(c):  # in sample order, as a sequential run adds them
-                        k = jax.tree.map(lambda v, s=s: v[s], ks)
-                        ok, failure = _failure_update(failure, k, live[s], t[s],
-                                                      row * per_row + p)
-                        mine = _accumulate.update(mine, k, ok & live[s])
-                    moments = jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine)
-                    return moments, failure, last, residuals
+                    return add(p, state, ks)
 
                 return jax.lax.cond(valid[p], compute, lambda s: s, state)
 
-            # no row's residuals yet for this sample's params
-            fresh = ([] if stages is None else
-                     [jnp.zeros(r.shape, r.dtype) for r in stages.residuals])
-            moments, failure, _, _ = jax.lax.fori_loop(
-                0, per_row, block, (moments, failure, jnp.asarray(-1, pairs.dtype), fresh))
+            moments, failure = jax.lax.fori_loop(0, per_row, block, (moments, failure))
             return chain, moments, failure
 
         none = jnp.asarray(NO_FAILURE, jnp.int32)

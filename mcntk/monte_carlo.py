@@ -389,12 +389,12 @@ class _Estimator:
             b2 = None if symmetric else blocks2
             impl, vmap, one, args = self._block_kernel(names, call, blocks1, b2, params_struct)
             memory = jax.jit(one).lower(*args).compile().memory_analysis()
-            kept = 0  # a row's x1 part, kept across its blocks (and the next row's, made)
+            kept = 0  # a row's x1 part, kept while its blocks are computed
             if not symmetric and self._reuse(pairs):
                 fn = self._one_sample(names, impl, self.options._replace(separate_sides=True),
                                       vmap)
                 stages = _sampler.block_stages(fn, params_struct, blocks1, b2)
-                kept = 0 if stages is None else 2 * sum(
+                kept = 0 if stages is None else sum(
                     math.prod(r.shape) * r.dtype.itemsize for r in stages.residuals)
             peak = max(peak, _budget.peak_bytes(memory) + kept)
             per_block = max(per_block, sum(
