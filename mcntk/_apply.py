@@ -296,8 +296,8 @@ def _check_per_example(pe: PerExample, axes: VmapAxes, params: PyTree, x: PyTree
                                              pe.out_axes), params, x)
     except Exception as e:
         undeclared = sorted({k for k, v, a in zip(names, leaves, flat_axes)
-                             if a is None and k not in axes.kwargs_axes
-                             and _is_dynamic(v) and jnp.ndim(v)})
+                             if a is None and k not in axes.kwargs_axes and k != "rng"
+                             and _is_dynamic(v) and jnp.ndim(v)})  # mcntk passes rng
         listed = ", ".join(f"`{k}`" for k in undeclared)
         hint = (f" Keyword argument(s) {listed} are not in kwargs_axes, so every "
                 f"example's call gets them whole: declare their batch axis (None if they are "

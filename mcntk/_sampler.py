@@ -104,7 +104,8 @@ class ProgramInputs(NamedTuple):
 def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                  blocks1: _grid.Blocks, blocks2: _grid.Blocks | None, per_row: int,
                  init_args: Any, per_step: int = 1, stepped: bool = False,
-                 grouped: bool = False, reuse: bool = False) -> Program:
+                 grouped: bool = False, reuse: bool = False,
+                 key_like: Any = None) -> Program:
     """Builds the program for blocks shaped like ``blocks1`` x ``blocks2``.
 
     Args:
@@ -125,6 +126,7 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
       reuse: blocks of one block row follow each other on a device (two-sided blocks
         only): what a block computes from x1's block alone is computed once per row
         and sample (:mod:`mcntk._staging`), ``per_step`` 1 only.
+      key_like: the shape and dtype of the run's dropout keys (for ``reuse``).
     """
     ds = placement.ds
     symmetric = blocks2 is None
@@ -132,7 +134,7 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
     flat = _two_sided(one_sample, blocks1, blocks2)
     stages = None
     if reuse and not symmetric and per_step == 1:
-        stages = block_stages(one_sample, params_shapes, blocks1, blocks2)
+        stages = block_stages(one_sample, params_shapes, blocks1, blocks2, key_like)
 
     def early_args(params, dropout_key, i, leaves1):
         return params, dropout_key, blocks1._replace(leaves=leaves1).block_leaves(i)
@@ -317,10 +319,15 @@ def _two_sided(one_sample: OneSample, blocks1: _grid.Blocks, blocks2: _grid.Bloc
     return flat
 
 
+def dropout_key_like(key: Any) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of the dropout keys that a run from ``key`` passes."""
+    return jax.eval_shape(lambda k: jax.random.split(jax.random.split(k)[1])[1], key)
+
+
 def block_stages(one_sample: OneSample, params_shapes: PyTree, blocks1: _grid.Blocks,
-                 blocks2: _grid.Blocks) -> _staging.Stages | None:
-    """The two-sided block program split into x1's part and the rest (or None)."""
-    key = jax.random.PRNGKey(0)
+                 blocks2: _grid.Blocks, key: Any) -> _staging.Stages | None:
+    """The two-sided block program split into x1's part and the rest (or None), traced
+    with dropout keys like ``key`` (:func:`dropout_key_like`)."""
     return _staging.split(_two_sided(one_sample, blocks1, blocks2),
                           (params_shapes, key, blocks1.first_leaves()),
                           (key, blocks2.first_leaves()))

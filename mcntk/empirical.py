@@ -12,6 +12,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from mcntk import _apply, _axes, _independence, _inputs, ntk
 from mcntk._types import (
@@ -71,6 +73,36 @@ class KernelSpec:
                     self.independence.clear()
                 self.independence[key] = decision
         return decision.vmap_axes
+
+    def check_declared_axes(self, params: PyTree, x: PyTree, kwargs: dict) -> None:
+        """Declared ``vmap_axes`` promise that example ``i``'s output is the model's output
+        for example ``i`` alone. Checked on values (a batch call and per-example calls;
+        the caller skips models that draw random numbers, whose draws differ per call):
+        a ``ValueError`` naming ``vmap_axes`` if they differ, e.g. BatchNorm in training
+        mode, instead of an NTK of another model than the NNGP's."""
+        trainable, merge = _apply.split_trainable(params)
+        apply_fn = lambda p, x, **kw: self.apply_fn(merge(p), x, **kw)
+        pe = _apply.per_example(apply_fn, self.vmap_axes, trainable, x, kwargs)
+        counts = {jnp.shape(v)[a] for v, a in zip(
+            jax.tree.leaves(x), jax.tree.leaves(pe.x_axes, is_leaf=lambda a: a is None))
+            if a is not None}
+        if counts and max(counts) < 2:
+            return
+        whole = apply_fn(trainable, x, **kwargs)
+        each = pe.vmap(lambda x_i, kw_i: pe.fn(trainable, x_i, kw_i), x, pe.out_axes)
+        worst = 0.0
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(each)):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)))
+        if not worst <= 1e-3:
+            a = self.vmap_axes
+            raise ValueError(
+                f"`vmap_axes`=(in_axes={a.in_axes!r}, out_axes={a.out_axes!r}, kwargs_axes="
+                f"{a.kwargs_axes!r}) declares that the model treats its examples "
+                f"independently, but its outputs for the examples one at a time differ from "
+                f"its outputs for the batch (by {worst:.3g} relative to the largest output): "
+                f"the examples interact (e.g. BatchNorm in training mode, a mean over the "
+                f"batch). Pass `vmap_axes`=None for this model.")
 
     def kernels(self, names: tuple[str, ...], params: PyTree, x1: PyTree, x2: PyTree | None,
                 kw1: dict, kw2: dict, implementation: NtkImplementation | None = None,
@@ -133,6 +165,8 @@ class KernelSpec:
             self._checked.add(key)
         except TypeError:  # unhashable static values: check every time
             pass
+        if self.vmap_axes is not None and "rng" not in kw1:
+            self.check_declared_axes(params, x1, kw1)
         rng = {"rng": kw1["rng"]} if "rng" in kw1 else {}
         apply_fn = lambda p, x, **kw: self.apply_fn(p, x, **kw, **rng)
         out = _inputs.output_shapes(apply_fn, params, sides[0],

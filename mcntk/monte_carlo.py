@@ -312,6 +312,13 @@ class _Estimator:
 
         impl, vmap = self._block_kernel(names, call, blocks1, blocks2, params_struct,
                                         cache_key and cache_key[:4])[:2]
+        if "ntk" in names and self.spec.vmap_axes is not None and not (
+                self.rng and self.planner.abstract(call)[4]):  # draws differ per call
+            first = blocks1.block(0)
+            kwargs = first.rebuild(first.dyn)
+            params = self.planner.init(call.side1)(self.key, call.side1.dyn)
+            self.spec.check_declared_axes(
+                params, first.x, {**kwargs, "rng": self.key} if self.rng else kwargs)
         # Convolutions of the model (its forward program: a kernel's own vmaps turn plain
         # convolutions into grouped ones): on one device, any on a CPU (slow inside XLA
         # control flow) and grouped ones anywhere (not batchable under a mesh sharding)
@@ -326,7 +333,8 @@ class _Estimator:
                                         self._one_sample(names, impl, options, vmap),
                                         placement, blocks1, blocks2, per_row,
                                         call.side1.dyn, self.samples_per_step, stepped,
-                                        grouped and "ntk" in names, reuse)
+                                        grouped and "ntk" in names, reuse,
+                                        _sampler.dropout_key_like(self.key))
         if cache_key is not None:
             self._programs[cache_key] = program
         return program
@@ -390,10 +398,12 @@ class _Estimator:
             impl, vmap, one, args = self._block_kernel(names, call, blocks1, b2, params_struct)
             memory = jax.jit(one).lower(*args).compile().memory_analysis()
             kept = 0  # a row's x1 part, kept while its blocks are computed
-            if not symmetric and self._reuse(pairs):
+            per_device = -(-len(pairs) // _placement.place(self.devices, len(pairs)).db)
+            if not symmetric and self._reuse(pairs) and per_device > 1:
                 fn = self._one_sample(names, impl, self.options._replace(separate_sides=True),
                                       vmap)
-                stages = _sampler.block_stages(fn, params_struct, blocks1, b2)
+                stages = _sampler.block_stages(fn, params_struct, blocks1, b2,
+                                               _sampler.dropout_key_like(self.key))
                 kept = 0 if stages is None else sum(
                     math.prod(r.shape) * r.dtype.itemsize for r in stages.residuals)
             peak = max(peak, _budget.peak_bytes(memory) + kept)

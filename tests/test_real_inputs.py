@@ -377,3 +377,58 @@ def test_static_flags_of_equal_value_and_other_type_are_not_confused():
                                         trace_axes=())(x, None, "nngp", flag=1)
     assert first.shape == (4, 4, 2, 2) and second.shape == (4, 4, 3, 3)
     np.testing.assert_array_equal(np.asarray(second), np.asarray(fresh))
+
+
+# --- declared vmap_axes checked on values ----------------------------------------------
+
+
+def _centered_apply(params, x, centre=True):
+    """Examples interact when ``centre``: the batch mean is subtracted (like BatchNorm in
+    training mode); a single example then maps to zeros."""
+    h = jnp.tanh(x @ params["w"])
+    if centre:
+        h = h - h.mean(axis=0, keepdims=True)
+    return h @ params["v"]
+
+
+@pytest.mark.parametrize("batch_size", [0, 3])
+def test_declared_vmap_axes_of_interacting_examples_are_refused(batch_size):
+    kf = mcntk.monte_carlo_kernel_fn(init_fn, _centered_apply, jax.random.PRNGKey(0), 1,
+                                     vmap_axes=0, batch_size=batch_size)
+    with pytest.raises(ValueError, match=r"`vmap_axes`=\(in_axes=0(.|\n)*interact"):
+        kf(_x(1, (N1, 3)), None, "ntk")
+    kf(_x(1, (N1, 3)), None, "ntk", centre=False)  # independent: accepted
+    params = init_fn(jax.random.PRNGKey(0), (N1, 3))[1]
+    empirical = mcntk.empirical_kernel_fn(_centered_apply, vmap_axes=0)
+    with pytest.raises(ValueError, match=r"`vmap_axes`(.|\n)*interact"):
+        empirical(_x(1, (N1, 3)), None, "ntk", params)
+    empirical(_x(1, (N1, 3)), None, "ntk", params, centre=False)
+
+
+def test_declared_vmap_axes_of_flax_batchnorm_in_training_are_refused():
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+            return nn.Dense(2)(nn.relu(h))
+
+    model = adapters.as_model(Net(), mutable=["batch_stats"])
+    kf = mcntk.monte_carlo_kernel_fn(*model, jax.random.PRNGKey(0), 2, vmap_axes=0)
+    x = _x(1, (N1, 3))
+    with pytest.raises(ValueError, match=r"vmap_axes(.|\n)*BatchNorm"):
+        kf(x, None, ("nngp", "ntk"), train=True)
+    assert_close(kf(x, None, "ntk", train=False),
+                 mcntk.monte_carlo_kernel_fn(*model, jax.random.PRNGKey(0), 2)(
+                     x, None, "ntk", train=False), rtol=1e-5)
+
+
+def test_undeclared_kwarg_hint_leaves_out_the_rng_mcntk_passes():
+    def apply_fn(params, x, label, rng=None):
+        return label_scaled_apply(params, x, label)
+
+    kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 1, vmap_axes=0)
+    with pytest.raises(ValueError, match=r"`label`") as info:
+        kf(_x(1, (N1, 3)), None, "ntk", label=jnp.ones(N1))
+    assert "`rng`" not in str(info.value)

@@ -166,3 +166,19 @@ def test_non_finite_block_is_named_in_a_staged_grid(model):
     with pytest.raises(NonFiniteSampleError, match=r"sample 0 .* block \(1, 0\)") as info:
         kf(x1, _x(2, (4, *shape)), ("nngp", "ntk"))
     assert info.value.block == (1, 0)
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_staged_rows_with_keys_of_other_shapes(impl, monkeypatch):
+    """Dropout keys of an rbg key are uint32[4]: the stages are traced with keys like
+    the run's (a threefry-shaped key would not lower)."""
+    init_fn, apply_fn = _dropout_mlp()
+    x1, x2 = _x(1, (6, 4)), _x(2, (4, 4))
+    key = jax.random.key(5, impl=impl)
+    make = lambda: mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 2, batch_size=2,
+                                               implementation=NI.STRUCTURED_DERIVATIVES)
+    calls = _count_early(monkeypatch)
+    staged = make()(x1, x2, "ntk")
+    assert len(calls) == 3 * 2
+    monkeypatch.setattr(_staging, "split", lambda *args: None)
+    close(staged, make()(x1, x2, "ntk"))
