@@ -82,7 +82,10 @@ class KernelSpec:
         mode, instead of an NTK of another model than the NNGP's."""
         trainable, merge = _apply.split_trainable(params)
         apply_fn = lambda p, x, **kw: self.apply_fn(merge(p), x, **kw)
-        pe = _apply.per_example(apply_fn, self.vmap_axes, trainable, x, kwargs)
+        try:
+            pe = _apply.per_example(apply_fn, self.vmap_axes, trainable, x, kwargs)
+        except ValueError:  # axes that do not fit: the kernel's own checks say how
+            return
         counts = {jnp.shape(v)[a] for v, a in zip(
             jax.tree.leaves(x), jax.tree.leaves(pe.x_axes, is_leaf=lambda a: a is None))
             if a is not None}
@@ -94,7 +97,10 @@ class KernelSpec:
         for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(each)):  # products differ
             if jnp.issubdtype(jnp.result_type(a), jnp.inexact):
                 tolerance = max(tolerance, 64 * float(jnp.finfo(jnp.result_type(a)).eps))
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            try:
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            except jax.errors.TracerArrayConversionError:  # under a trace: no values
+                return
             worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)))
         if not worst <= tolerance:
             a = self.vmap_axes
