@@ -23,6 +23,7 @@ class Planner:
     def __init__(self, init_fn: Callable, spec: KernelSpec, key: Any, rng: bool):
         self.init_fn, self.spec, self.key, self.rng = init_fn, spec, key, rng
         self._shapes: dict[Any, tuple] = {}  # abstract evaluations per call signature
+        self._checked: set = set()  # call signatures whose declared vmap_axes were checked
 
     def init(self, side1: _inputs.Side) -> Callable:
         """``init(key, dyn1) -> params`` for inputs like x1 (with x1's keyword arrays)."""
@@ -39,10 +40,7 @@ class Planner:
         """``(params, f(x1), f(x2), batch axes of f(x1)'s leaves, whether f reads its
         rng)``, all abstract: the model traced at the call's shapes, once per call
         signature (then cached)."""
-        sides = [call.side1] + ([] if call.symmetric else [call.side2])
-        key = (auto.signature([(s.x, s.dyn) for s in sides]),
-               tuple((tuple(map(str, s.x_axes)), tuple(map(str, s.dyn_axes)), tuple(s.names))
-                     for s in sides), call.static)
+        key = self._signature(call)
         if call.static is not None and key in self._shapes:
             return self._shapes[key]
         side1 = call.side1
@@ -59,6 +57,32 @@ class Planner:
                 self._shapes.clear()
             self._shapes[key] = found
         return found
+
+    @staticmethod
+    def _signature(call: _inputs.Call) -> tuple:
+        sides = [call.side1] + ([] if call.symmetric else [call.side2])
+        return (auto.signature([(s.x, s.dyn) for s in sides]),
+                tuple((tuple(map(str, s.x_axes)), tuple(map(str, s.dyn_axes)), tuple(s.names))
+                      for s in sides), call.static)
+
+    def check_vmap_axes(self, call: _inputs.Call, blocks1: _grid.Blocks) -> None:
+        """Declared ``vmap_axes`` checked on values (:meth:`KernelSpec.check_declared_axes`)
+        once per call signature: on x1's first block, with the first sample's parameters.
+        Skipped for a model whose outputs read its rng (its draws differ per call)."""
+        key = self._signature(call)
+        if self.spec.vmap_axes is None or (call.static is not None and key in self._checked):
+            return
+        if self.rng and self.abstract(call)[4]:
+            return
+        first = blocks1.block(0)
+        kwargs = first.rebuild(first.dyn)
+        params = self.init(call.side1)(self.key, call.side1.dyn)
+        self.spec.check_declared_axes(params, first.x,
+                                      {**kwargs, "rng": self.key} if self.rng else kwargs)
+        if call.static is not None:
+            if len(self._checked) >= auto.CACHE_LIMIT:
+                self._checked.clear()
+            self._checked.add(key)
 
     def plan(self, call: _inputs.Call, batch_size: int
               ) -> tuple[_grid.GridPlan, list, Any, PyTree]:

@@ -312,13 +312,6 @@ class _Estimator:
 
         impl, vmap = self._block_kernel(names, call, blocks1, blocks2, params_struct,
                                         cache_key and cache_key[:4])[:2]
-        if "ntk" in names and self.spec.vmap_axes is not None and not (
-                self.rng and self.planner.abstract(call)[4]):  # draws differ per call
-            first = blocks1.block(0)
-            kwargs = first.rebuild(first.dyn)
-            params = self.planner.init(call.side1)(self.key, call.side1.dyn)
-            self.spec.check_declared_axes(
-                params, first.x, {**kwargs, "rng": self.key} if self.rng else kwargs)
         # Convolutions of the model (its forward program: a kernel's own vmaps turn plain
         # convolutions into grouped ones): on one device, any on a CPU (slow inside XLA
         # control flow) and grouped ones anywhere (not batchable under a mesh sharding)
@@ -428,6 +421,8 @@ class _Estimator:
         plan, layouts, treedef, params_struct = self.planner.plan(call, batch_size)
         blocks1 = plan.split(call.side1, True)
         blocks2 = blocks1 if call.symmetric else plan.split(call.side2, False)
+        if "ntk" in names:
+            self.planner.check_vmap_axes(call, blocks1)
         waves = []
         for symmetric, pairs in plan.groups().items():
             b2 = None if symmetric else blocks2
