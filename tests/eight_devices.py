@@ -299,3 +299,21 @@ def test_grouped_convolution_on_a_mesh_names_the_way_out():
         estimate(depthwise_network(), x, None, device_count=-1)
     one = estimate(depthwise_network(), x, None, device_count=0)
     assert np.isfinite(np.asarray(one.ntk)).all()
+
+
+@pytest.mark.parametrize("device_count", [-1, 3])
+def test_staged_rows_split_over_devices(device_count, monkeypatch):
+    """Rows of the grid (x1 blocks) shared between devices: each device computes x1's
+    part of its own rows; the estimate is that of one device, and that of no staging."""
+    from mcntk import _staging
+
+    model = stax_serial(stax.Dense(6), stax.Relu, stax.Dropout(0.7, mode="train"),
+                        stax.Dense(2))
+    x1, x2 = _x(1, (12, 3)), _x(2, (6, 3))
+    kw = dict(batch_size=2, implementation=mcntk.NtkImplementation.STRUCTURED_DERIVATIVES)
+    many = estimate(model, x1, x2, device_count=device_count, **kw)
+    one = estimate(model, x1, x2, device_count=0, **kw)
+    chex.assert_trees_all_close(many, one, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(_staging, "split", lambda *args: None)
+    chex.assert_trees_all_close(estimate(model, x1, x2, device_count=device_count, **kw), many,
+                                rtol=1e-5, atol=1e-6)

@@ -122,7 +122,7 @@ def test_rows_share_x1_part(impl, model, monkeypatch):
                 close(ntk[2 * i:2 * i + 2, 2 * j:2 * j + 2], expected["ntk"])
 
 
-def test_x2_none_rows_and_several_devices_do_not_change_the_estimate(monkeypatch):
+def test_x2_none_rows_share_x1_part(monkeypatch):
     """x2=None with 4 blocks per side: off-diagonal rows of 3, 2 and 1 blocks."""
     init_fn, apply_fn = stax_serial(stax.Dense(8), stax.Relu, stax.Dense(2))
     x = _x(1, (8, 3))
