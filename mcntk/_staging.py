@@ -25,6 +25,7 @@ import jax
 from jax.extend import core as jcore
 
 from mcntk._types import PyTree
+from mcntk.ntk import _program
 
 # recomputed in the late stage rather than kept as residuals
 _CHEAP = {"broadcast_in_dim", "reshape", "transpose", "convert_element_type", "squeeze",
@@ -55,14 +56,8 @@ def split(fn: Callable[[PyTree, PyTree], PyTree], early_args: PyTree,
     if jaxpr.effects:
         return None
     n_early = len(jax.tree.leaves(early_args))
-    late_vars = set(jaxpr.invars[n_early:])
+    is_late = _program.reached(jaxpr, jaxpr.invars[n_early:])[1]
     reads = lambda v, found: not isinstance(v, jcore.Literal) and v in found
-    is_late = []
-    for eqn in jaxpr.eqns:
-        late = any(reads(v, late_vars) for v in eqn.invars)
-        if late:
-            late_vars.update(eqn.outvars)
-        is_late.append(late)
     # cheap early equations read only by late ones (or by nobody early) go late
     early_readers: set = set()
     for k in reversed(range(len(jaxpr.eqns))):

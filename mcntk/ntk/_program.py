@@ -194,14 +194,22 @@ def trace(fn: Callable[..., Any], *args: Any) -> Program:
     return program
 
 
+def reached(jaxpr: jcore.Jaxpr, sources: Sequence[Any]) -> tuple[set, list[bool]]:
+    """The variables of ``jaxpr`` computed from ``sources`` (its input variables, which
+    are included), and per equation whether it reads one. An equation reading such a
+    value makes all its results computed from them; sub-programs are not looked into,
+    so the answer errs towards "computed from"."""
+    found = set(sources)
+    reads = []
+    for eqn in jaxpr.eqns:
+        reads.append(any(not isinstance(v, jcore.Literal) and v in found for v in eqn.invars))
+        if reads[-1]:
+            found.update(eqn.outvars)
+    return found, reads
+
+
 def depends(jaxpr: jcore.Jaxpr, sources: Sequence[Any], values: Sequence[Any]) -> list[bool]:
     """Whether each of ``values`` (variables or literals of ``jaxpr``) is computed from
-    ``sources`` (its input variables). An equation reading such a value makes all its
-    results depend on them; sub-programs are not looked into, so the answer errs
-    towards "depends"."""
-    found = set(sources)
-    reads = lambda v: not isinstance(v, jcore.Literal) and v in found
-    for eqn in jaxpr.eqns:
-        if any(reads(v) for v in eqn.invars):
-            found.update(eqn.outvars)
-    return [reads(v) for v in values]
+    ``sources`` (:func:`reached`)."""
+    found = reached(jaxpr, sources)[0]
+    return [not isinstance(v, jcore.Literal) and v in found for v in values]
