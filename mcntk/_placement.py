@@ -166,6 +166,19 @@ class Placement(NamedTuple):
     def replicated(self) -> NamedSharding:
         return self.sharding()
 
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether this placement's programs must finish before the next is dispatched.
+
+        XLA's CPU runtime runs each device's part of a program as a task on one thread
+        pool, and a collective blocks its task until every device's part arrives. With
+        several multi-device programs in flight, the pool's threads can all be taken by
+        parts that wait for a part that gets no thread: a deadlock. It was seen on 2
+        cores under load, with 2 and 4 simulated devices, when eager operations on
+        sample-sharded moments were dispatched back to back (those now run on the
+        host). Accelerators run a device's programs in dispatch order."""
+        return self.mesh.size > 1 and self.mesh.devices.flat[0].platform == "cpu"
+
     def index(self, part: str) -> Any:
         """Inside ``shard_map``: this device's block row (``BLOCKS``) or sample
         column (``SAMPLES``)."""

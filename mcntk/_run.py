@@ -113,6 +113,8 @@ def advance(state: RunState, waves: list, n: int, on_device: bool) -> tuple[RunS
         rep = wave.program.placement.replicated()
         m, failure, key = wave.program.advance(m, _placement.put(state.key, rep),
                                                _placement.put(count, rep), wave.inputs)
+        if wave.program.placement.one_at_a_time:
+            jax.block_until_ready((m, failure, key))
         moments.append(m if on_device else _placement.fetch(m))
         failures.append(failure)
     return RunState(state.done + n, key, tuple(moments)), failures
@@ -140,7 +142,11 @@ def canonical(state: RunState, waves: list, groups: list) -> list[Moments]:
     where = _where(groups)
     out: list[Any] = [None] * len(groups)
     for wave, moments in zip(waves, state.moments):
-        merged = _placement.fetch(_accumulate.merge_axis(moments, 0))
+        # merged on the host: eager operations on sample-sharded arrays would each be
+        # a program with a collective, dispatched back to back (see
+        # Placement.one_at_a_time)
+        with jax.default_device(_placement.host_device()):
+            merged = _placement.fetch(_accumulate.merge_axis(_placement.fetch(moments), 0))
         positions = [p for p, pair in enumerate(wave.pairs) if pair is not None]
         g = where[wave.pairs[positions[0]]][0]
         rows = [where[wave.pairs[p]][1] for p in positions]

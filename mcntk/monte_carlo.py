@@ -557,6 +557,8 @@ class _Estimator:
                     cache.clear()
                 cache[key] = jax.jit(assemble, out_shardings=out_shardings)
             out = cache[key](states)
+            if waves[0].program.placement.one_at_a_time:
+                jax.block_until_ready(out)
         else:
             with jax.default_device(_placement.host_device()):
                 out = _assemble(np, plan, waves, states, layouts, stat)

@@ -317,3 +317,31 @@ def test_staged_rows_split_over_devices(device_count, monkeypatch):
     monkeypatch.setattr(_staging, "split", lambda *args: None)
     chex.assert_trees_all_close(estimate(model, x1, x2, device_count=device_count, **kw), many,
                                 rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_merges_on_the_host(tmp_path, monkeypatch):
+    """A commit merges the devices' moments from host arrays: eager operations on
+    sample-sharded arrays, dispatched back to back, deadlocked XLA's CPU runtime under
+    load (Placement.one_at_a_time). The committed run resumes on one device."""
+    from mcntk import _accumulate
+
+    seen = []
+    merge_axis = _accumulate.merge_axis
+
+    def spy(moments, axis=0):
+        for v in jax.tree.leaves(moments):
+            try:
+                seen.append(len(v.sharding.device_set))
+            except AttributeError:  # NumPy, or traced (the final assembly's program)
+                seen.append(0 if isinstance(v, np.ndarray) else None)
+        return merge_axis(moments, axis)
+
+    monkeypatch.setattr(_accumulate, "merge_axis", spy)
+    kw = dict(checkpoint_dir=str(tmp_path), checkpoint_every=4, stderr=True)
+    first = estimate(MLP, X1, None, n=8, device_count=-1, **kw)
+    assert sorted(int(d.name) for d in tmp_path.iterdir() if d.name.isdigit()) == [4, 8]
+    assert 0 in seen and not any(count and count > 1 for count in seen), seen
+    resumed = estimate(MLP, X1, None, n=12, device_count=0, **kw)
+    chex.assert_trees_all_close(first.ntk.n_samples, 8)
+    chex.assert_trees_all_close(resumed, estimate(MLP, X1, None, n=12, device_count=0,
+                                                  stderr=True), rtol=1e-5, atol=1e-6)

@@ -149,8 +149,9 @@ _PORTABLE = _X64 + textwrap.dedent("""
 
 def test_checkpoint_is_portable_across_device_counts(tmp_path):
     """A run committed on 2 devices (samples split 2 ways, 9 samples: unevenly) resumes
-    on 1. (Two simulated devices, not more: under heavy load a subprocess with 4 of them
-    on 2 cores was seen to stall in a collective, in XLA's CPU runtime.)"""
+    on 1. (This subprocess once deadlocked in XLA's CPU runtime, under load: commits
+    merged the devices' moments with eager operations on sharded arrays. They are
+    merged on the host now: tests/eight_devices.py::test_checkpoint_merges_on_the_host.)"""
     directory = tmp_path / "ckpt"
     subprocess.run([sys.executable, "-c", _PORTABLE, str(directory),
                     os.path.dirname(__file__)], check=True, timeout=300)
