@@ -17,6 +17,7 @@ from mcntk import (
     _apply,
     _budget,
     _checkpoint,
+    _draws,
     _grid,
     _inputs,
     _placement,
@@ -322,7 +323,10 @@ class _Estimator:
         stepped = (placement.db * placement.ds == 1 and self.samples_per_step == 1 and (
             grouped or (self.devices.platform == "cpu" and _sampler.has_convolution(forward))))
         options = self.options._replace(separate_sides=reuse)
-        program = _sampler.make_program(self.planner.init(call.side1),
+        init = self.planner.init(call.side1)
+        if self.devices.platform == "cpu":
+            init = _draws.unrolled(init)  # the same draws, in one pass (mcntk._draws)
+        program = _sampler.make_program(init,
                                         self._one_sample(names, impl, options, vmap),
                                         placement, blocks1, blocks2, per_row,
                                         call.side1.dyn, self.samples_per_step, stepped,

@@ -138,7 +138,8 @@ class Program:
           probes: values added to the results with these ids as they are computed.
           capture: ids whose values to return.
           rules: ``{primitive name: fn(*operands, **params) -> result}`` to evaluate
-            those primitives with (same values; e.g. other derivative code).
+            those primitives with (same values; e.g. other derivative code); a list of
+            results for primitives with several.
 
         Returns:
           ``(outputs as a pytree, {id: value for id in capture})``.
@@ -151,8 +152,11 @@ class Program:
         for node in self.nodes:
             operands = [env[r] for r in node.ins]
             rule = rules.get(node.name)
-            results = ([rule(*operands, **node.params)] if rule is not None
-                       else apply(node.eqn, operands))
+            if rule is None:
+                results = apply(node.eqn, operands)
+            else:
+                out = rule(*operands, **node.params)
+                results = list(out) if node.eqn.primitive.multiple_results else [out]
             for ref, value in zip(node.outs, results):
                 if ref is not None:
                     env[ref] = value + probes[ref] if ref in probes else value
