@@ -38,34 +38,37 @@ def best(fn, repeats):
 def measure(partitionable: bool, repeats: int) -> dict:
     import jax
     jax.config.update("jax_threefry_partitionable", partitionable)
+    sys.path.insert(0, HERE)
+    return {name: _workload(name, repeats) for name in ("W1", "W3")}
+
+
+def _workload(name: str, repeats: int) -> dict:
+    import jax
     import numpy as np
+    from run import workload
 
     import mcntk
     from mcntk import _draws
-    sys.path.insert(0, HERE)
-    from run import workload
 
-    out = {}
-    for name in ("W1", "W3"):
-        init_fn, apply_fn, x1, x2, n, vmap_axes = workload(name)
-        init = lambda k, shape=x1.shape: init_fn(k, shape)[1]
-        key = jax.random.PRNGKey(0)
-        plain, fast = jax.jit(init), jax.jit(_draws.unrolled(init))
-        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain(key)),
-                                                         jax.tree.leaves(fast(key))))
-        row = {"params": sum(v.size for v in jax.tree.leaves(plain(key))), "same": same,
-               "draw_jax": best(lambda: jax.block_until_ready(plain(key)), repeats),
-               "draw_unrolled": best(lambda: jax.block_until_ready(fast(key)), repeats)}
-        for label, wrap in (("call_unrolled", _draws.unrolled), ("call_jax", lambda f: f)):
-            _draws_unrolled, _draws.unrolled = _draws.unrolled, wrap
-            try:
-                kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, n, vmap_axes=vmap_axes)
-                row[label] = best(lambda: jax.block_until_ready(kf(x1, x2, ("nngp", "ntk"))),
-                                  repeats)
-            finally:
-                _draws.unrolled = _draws_unrolled
-        out[name] = row
-    return out
+    init_fn, apply_fn, x1, x2, n, vmap_axes = workload(name)
+    init = lambda k: init_fn(k, x1.shape)[1]
+    key = jax.random.PRNGKey(0)
+    plain, fast = jax.jit(init), jax.jit(_draws.unrolled(init))
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain(key)),
+                                                     jax.tree.leaves(fast(key))))
+    row = {"params": sum(v.size for v in jax.tree.leaves(plain(key))), "same": same,
+           "draw_jax": best(lambda: jax.block_until_ready(plain(key)), repeats),
+           "draw_unrolled": best(lambda: jax.block_until_ready(fast(key)), repeats)}
+    unrolled = _draws.unrolled
+    for label, wrap in (("call_unrolled", unrolled), ("call_jax", lambda f: f)):
+        _draws.unrolled = wrap
+        try:
+            kf = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, n, vmap_axes=vmap_axes)
+            row[label] = best(lambda kf=kf: jax.block_until_ready(kf(x1, x2, ("nngp", "ntk"))),
+                              repeats)
+        finally:
+            _draws.unrolled = unrolled
+    return row
 
 
 def main():
