@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend import core as jcore
 from jax.extend.core import primitives
 from jax.extend.random import threefry_prng_impl
 
@@ -74,12 +75,45 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
 
 
+def _draws_in(jaxpr: jcore.Jaxpr) -> bool:
+    """Whether ``jaxpr`` or a ``jit`` call in it draws random bits."""
+    return any(eqn.primitive is primitives.random_bits_p
+               or (eqn.primitive is primitives.jit_p and _draws_in(eqn.params["jaxpr"].jaxpr))
+               for eqn in jaxpr.eqns)
+
+
+def _evaluate(closed: jcore.ClosedJaxpr, args: list) -> list:
+    """``closed`` applied to ``args``, equation by equation, with ``random_bits``
+    replaced by :func:`_random_bits`. A ``jit`` call that draws stays a ``jit`` call
+    (the same ``inline``) of its evaluation: inlined, its arguments could become
+    constants that XLA folds with other rounding (e.g. in ``erf`` or ``lgamma``)."""
+    env: dict[Any, Any] = dict(zip(closed.jaxpr.constvars, closed.consts))
+    env.update(zip(closed.jaxpr.invars, args))
+    read = lambda atom: atom.val if isinstance(atom, jcore.Literal) else env[atom]
+    for eqn in closed.jaxpr.eqns:
+        values = [read(a) for a in eqn.invars]
+        if eqn.primitive is primitives.random_bits_p:
+            outs = [_random_bits(*values, **eqn.params)]
+        elif eqn.primitive is primitives.jit_p and _draws_in(eqn.params["jaxpr"].jaxpr):
+            inner = eqn.params["jaxpr"]
+            call = jax.jit(lambda *a, inner=inner: _evaluate(inner, list(a)),
+                           inline=eqn.params.get("inline", False))
+            outs = call(*values)
+        else:
+            outs = _program.apply(eqn, values)
+        for var, value in zip(eqn.outvars, outs):
+            if not isinstance(var, jcore.DropVar):
+                env[var] = value
+    return [read(a) for a in closed.jaxpr.outvars]
+
+
 def unrolled(init: Callable[..., Any]) -> Callable[..., Any]:
     """``init`` (a function of arrays, traced under ``jit``) computing the same values,
     with the threefry hash of its random draws unrolled. For CPU programs: elsewhere
     JAX already compiles the hash unrolled (or as a kernel)."""
     def fn(*args):
-        program = _program.trace(init, *_abstract(args))
-        flat = jax.tree.leaves(args)
-        return program.evaluate(flat, rules={"random_bits": _random_bits})[0]
+        # traced on the arguments themselves: their weak types are kept
+        closed, out_shape = jax.make_jaxpr(init, return_shape=True)(*args)
+        outs = _evaluate(closed, jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
     return fn

@@ -165,8 +165,10 @@ def canonical(state: RunState, waves: list, groups: list) -> list[Moments]:
 def restore(canon: list[Moments], done: int, key: Any, waves: list, groups: list,
             stderr: bool, on_device: bool) -> RunState:
     """The state of :func:`canonical`'s form for these waves: each block's moments
-    in the first sample slot of its position, the other slots empty. Merging is
-    exact, so the estimate continues as if never interrupted."""
+    in the first sample slot of its position, the other slots empty. The estimate
+    continues with the same samples in the same order: bitwise the uninterrupted one on
+    one device; with samples split over devices the merged sums are grouped otherwise,
+    which changes the result in the order of floating-point rounding."""
     where = _where(groups)
     moments = []
     for wave in waves:

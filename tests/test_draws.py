@@ -1,7 +1,9 @@
 """Parameter draws with the threefry hash unrolled (mcntk._draws) are bit for bit
-JAX's: the hash against JAX's primitive, whole inits of every framework against the
-init itself (both ``jax_threefry_partitionable`` settings, legacy and typed keys,
-other key types), and the estimator's CPU programs use it."""
+JAX's: the hash against JAX's primitive, whole inits of every framework and of
+distributions whose constants XLA could fold (gamma, t, beta; a jitted helper given a
+constant) against the init itself (both ``jax_threefry_partitionable`` settings, legacy
+and typed keys, other key types, weak types), and the estimator's CPU programs use it
+and give the same estimate."""
 
 import contextlib
 
@@ -75,7 +77,18 @@ def _inits():
         model = nnx.Linear(8, 5, rngs=nnx.Rngs(params=key))
         return nnx.state(model, nnx.Param)
 
+    @jax.jit
+    def truncated(key, lower, shape=(64, 32)):  # a user's jitted helper, given a constant
+        return jax.random.truncated_normal(key, lower, -lower, shape)
+
+    def distributions(k):
+        k1, k2, k3 = jax.random.split(k, 3)
+        return (truncated(k1, -1.7), jax.random.gamma(k2, 0.5, (8,)),
+                jax.random.t(k3, 3.0, (3, 2)), jax.random.beta(k1, 2.0, 3.0, (8,)),
+                jax.random.loggamma(k2, 2.5, (4,)), jax.random.dirichlet(k3, jnp.ones(3)))
+
     return {
+        "distributions": distributions,
         "stax": lambda k: init_fn(k, x.shape)[1],
         "linen": lambda k: Linen().init(k, x),
         "haiku": lambda k: hk_model.init(k, x),
@@ -90,7 +103,8 @@ def _inits():
     }
 
 
-@pytest.mark.parametrize("name", ["stax", "linen", "haiku", "equinox", "nnx", "bits"])
+@pytest.mark.parametrize("name", ["stax", "linen", "haiku", "equinox", "nnx", "bits",
+                                  "distributions"])
 @pytest.mark.parametrize("split_mode", [False, True])
 @pytest.mark.parametrize("typed", [False, True])
 def test_inits_draw_the_same_bits(name, split_mode, typed, monkeypatch):
@@ -108,6 +122,18 @@ def test_inits_draw_the_same_bits(name, split_mode, typed, monkeypatch):
         keys = jax.random.split(key, 3)
         assert_bitwise_equal(jax.jit(jax.vmap(_draws.unrolled(init)))(keys),
                              jax.jit(jax.vmap(init))(keys))
+
+
+def test_weak_types_of_arguments_are_kept():
+    """An argument's weak type decides the dtype of what it multiplies (here bfloat16
+    draws stay bfloat16)."""
+    def init(key, scale):
+        return jax.random.normal(key, (3,), jnp.bfloat16) * scale
+
+    key, scale = jax.random.PRNGKey(0), jnp.asarray(0.5)
+    expected = jax.jit(init)(key, scale)
+    assert expected.dtype == jnp.bfloat16
+    assert_bitwise_equal(jax.jit(_draws.unrolled(init))(key, scale), expected)
 
 
 def test_other_key_types_are_left_to_jax(monkeypatch):
@@ -138,5 +164,4 @@ def test_cpu_estimates_use_it_and_equal_jaxs_draws(split_mode, monkeypatch):
         assert seen
         monkeypatch.setattr(_draws, "unrolled", lambda f: f)
         plain = estimate()
-    np.testing.assert_allclose(fast.ntk, plain.ntk, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(fast.nngp, plain.nngp, rtol=1e-6, atol=1e-6)
+    assert_bitwise_equal(fast, plain)
