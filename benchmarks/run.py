@@ -40,6 +40,14 @@ WORKLOADS = ("W1", "W1p", "W2", "W3")
 SECTION = "## Structured derivatives and a fast default (issue 8)"
 
 
+def w3_params():
+    """The number of W3's parameters."""
+    import jax
+    init_fn, _, x1, *_ = workload("W3")
+    shapes = jax.eval_shape(lambda k: init_fn(k, x1.shape)[1], jax.random.PRNGKey(0))
+    return sum(s.size for s in jax.tree.leaves(shapes))
+
+
 def workload(name):
     """(init_fn, apply_fn, x1, x2, n_samples, vmap_axes): nt065_side.py's definitions, so
     that both libraries time the same models and inputs."""
@@ -285,8 +293,9 @@ def main():
         lines.append(f"Structured contraction on W3 (one sample's SD kernel, both kernels, "
                      f"jitted, given the parameters; best of 5): {fraction[1]:.3g} FLOPs "
                      f"(XLA's count) in {fraction[2]:.4f} s = {fraction[0]:.1%} of that peak. "
-                     f"The whole Monte Carlo call ({w3_sd:.3f} s) also draws the 12.6M "
-                     f"parameters (threefry, the same cost for neural-tangents): "
+                     f"The whole Monte Carlo call ({w3_sd:.3f} s) also draws the "
+                     f"{w3_params() / 1e6:.2f}M parameters (threefry; "
+                     f"benchmarks/draws.py times the draw alone): "
                      f"{fraction[3]:.1%} of peak over the call.")
     if memory is not None:
         gib, secs, tail = memory

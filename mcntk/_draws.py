@@ -2,18 +2,18 @@
 
 Every sample draws a fresh set of parameters, ``init_fn(init_key, ...)``. For a
 model of millions of parameters this draw is a large part of a sample's time on CPU
-(W3 of benchmarks/run.py: more than half), and most of it is the threefry hash:
+(W3 of benchmarks/run.py: a third to a half), and most of it is the threefry hash:
 JAX compiles the hash there as a loop of five steps (short to compile), each a pass
 over arrays of the size of the draw. :func:`unrolled` returns an ``init`` that
 computes exactly the same values with the hash written out in full, which XLA fuses
-into one pass (measured 2x faster for 12.6M normals with
-``jax_threefry_partitionable=False``, 3.4x with ``True``).
+into one pass: W3's 8.5M parameters in 0.019-0.020 s, where JAX's own compilation took
+0.025-0.070 s in several runs (``python benchmarks/draws.py``, benchmarks/RESULTS.md).
 
-How: ``init`` is traced into a flat program (:mod:`mcntk.ntk._program`, which
-inlines ``jit`` calls such as ``jax.random.normal``'s). Each ``random_bits`` of a
-threefry key is replaced by JAX's own bit generation for that key
-(``jax.extend.random.threefry_prng_impl.random_bits``, so the counters, splits and
-the ``jax_threefry_partitionable`` choice are JAX's), traced in turn, with its
+How: ``init`` is traced (``jax.make_jaxpr``) and evaluated equation by equation;
+``jit`` calls that draw (such as ``jax.random.normal``) stay ``jit`` calls, evaluated in
+turn. Each ``random_bits`` of a threefry key is replaced by JAX's own bit generation for
+that key (``jax.extend.random.threefry_prng_impl.random_bits``, so the counters, splits
+and the ``jax_threefry_partitionable`` choice are JAX's), traced in turn, with its
 ``threefry2x32`` hash evaluated by :func:`threefry2x32` below. Other key types, and
 draws inside control flow or custom-derivative functions, run as they are.
 """
