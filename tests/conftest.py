@@ -6,7 +6,9 @@ import os
 # the suite is bound by compiling small programs, and XLA's cheapest LLVM optimisation
 # compiles them about 40% faster (the programs and their numbers are the same up to
 # rounding); simulated devices are threads on few shared cores, so a collective may
-# wait for a late one longer than XLA's default 40 s before it aborts the process.
+# wait for a late one longer than XLA's default 40 s before it aborts the process. (A
+# collective that never completes is a deadlock, not lateness: see
+# mcntk._placement.Placement.one_at_a_time.)
 _FLAGS = ("--xla_backend_optimization_level=0",
           "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 _given = os.environ.get("XLA_FLAGS", "")
