@@ -131,6 +131,15 @@ def check_kwargs_axes_names(vmap_axes: _apply.VmapAxes | None, kwargs: dict) -> 
                          f"not passed to kernel_fn; passed: {sorted(kwargs)}.")
 
 
+def check_examples(side: Side, name: str) -> None:
+    """A side must hold at least one example."""
+    if side.size == 0:
+        shapes = [jnp.shape(v) for v in jax.tree.leaves(side.x)]
+        raise ValueError(f"`{name}` has no examples: its leaves have 0 entries on their "
+                         f"batch axis (leaf shapes {shapes}). A kernel needs at least one "
+                         f"example on each side.")
+
+
 def check_batchable(side: Side, name: str) -> None:
     """Every input leaf that is cut into blocks must hold the same number of examples."""
     shapes = [jnp.shape(v) for v in jax.tree.leaves(side.x)]
@@ -193,6 +202,9 @@ def prepare(x1: Any, x2: Any, kwargs: dict[str, Any],
     pairs = {k for k, v in kwargs.items() if isinstance(v, tuple) and len(v) == 2}
     side1 = _side(x1, kw1, pairs, vmap_axes, "x1")
     side2 = None if x2 is None else _side(x2, kw2, pairs, vmap_axes, "x2")
+    check_examples(side1, "x1")
+    if side2 is not None:
+        check_examples(side2, "x2")
     s1 = _apply.partition_static(kw1)[2]
     s2 = s1 if side2 is None else _apply.partition_static(kw2)[2]
     static = (s1, s2) if _hashable((s1, s2)) else None

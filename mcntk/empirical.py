@@ -165,6 +165,8 @@ class KernelSpec:
         _inputs.check_kwargs_axes_names(self.vmap_axes, strip(kw1))
         sides = [_inputs._side(x, strip(kw), set(), self.vmap_axes, name)
                  for x, kw, name in ((x1, kw1, "x1"), (x2, kw2, "x2")) if x is not None]
+        for side, name in zip(sides, ("x1", "x2")):
+            _inputs.check_examples(side, name)
         key = (auto.signature(params, [(s.x, s.dyn) for s in sides]),
                _apply.partition_static((strip(kw1), strip(kw2)))[2])
         try:
