@@ -67,12 +67,8 @@ def _random_bits(keys: Any, *, bit_width: int, shape: tuple) -> Any:
     for _ in range(keys.ndim):
         bits = jax.vmap(bits)
     data = jax.random.key_data(keys)
-    program = _program.trace(bits, _abstract(data))
+    program = _program.trace(bits, data)
     return program.evaluate([data], rules={"threefry2x32": threefry2x32})[0]
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
 
 
 def _draws_in(jaxpr: jcore.Jaxpr) -> bool:
