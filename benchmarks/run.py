@@ -197,11 +197,12 @@ def load():
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def write_section(path, text):
+def write_section(path, text, section=SECTION):
+    """Replaces ``section`` of the results file ``path`` (or appends it) with ``text``."""
     old = open(path).read() if os.path.exists(path) else "# mcntk benchmarks\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         old = old[:start].rstrip("\n") + ("\n\n" + old[end + 1:] if end >= 0 else "\n")
     with open(path, "w") as f:
         f.write(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")

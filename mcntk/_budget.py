@@ -10,6 +10,11 @@ a few seconds per size tried, once per call signature.
 With ``batch_size=0`` the first size that fits among one block of all ``n`` examples,
 then ``n/2``, ``n/4``, ... (rounded up) is taken; with ``batch_size > 0`` that size is
 checked, and a size over the budget is an error that names one that fits.
+
+Samples per loop step (:func:`samples_per_step`): on GPUs and TPUs a device draws and
+computes several samples together (vmapped), as many as fit in the budget next to the
+accumulators, counting each sample at the one-sample program's estimate; the budget is
+``memory_budget``, or without one a fraction of the memory the device reports.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 
@@ -89,6 +95,39 @@ def choose(estimate: Callable[[int], int], n: int | None, batch_size: int,
             f"`memory_budget`={budget} ({_mib(budget)}) is too small: even blocks of 1 "
             f"example need about {_mib(estimate(1))} per device (estimated).")
     return fits
+
+
+MOST_PER_STEP = 16  # samples per step, at most: the step's program adds them one by one
+DEVICE_FRACTION = 0.5  # of a device's reported memory limit, without `memory_budget`
+
+
+def device_budget(device: Any) -> int | None:
+    """A budget for samples per step on ``device`` without ``memory_budget``: a fraction
+    of the memory limit it reports (None where it reports none, as CPUs do, and with
+    several processes, whose programs must agree)."""
+    if jax.process_count() > 1:
+        return None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit * DEVICE_FRACTION) if limit else None
+
+
+def samples_per_step(sample_bytes: int, fixed_bytes: int, budget: int | None,
+                     samples: int) -> int:
+    """Samples a device draws and computes together per loop step.
+
+    As many as fit in ``budget`` next to ``fixed_bytes`` (the accumulators) at
+    ``sample_bytes`` each (one sample's program: its parameters, inputs, outputs and
+    temporaries, all counted again per sample, which errs on the safe side); at most
+    ``samples`` (the device's share of the run) and :data:`MOST_PER_STEP`; at least 1.
+    """
+    if budget is None or sample_bytes <= 0:
+        return 1
+    fits = (budget - fixed_bytes) // sample_bytes
+    return int(max(1, min(fits, samples, MOST_PER_STEP)))
 
 
 def _largest_fitting(estimate, start: int, budget: int, whole: int | None = None

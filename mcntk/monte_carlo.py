@@ -141,7 +141,10 @@ def monte_carlo_kernel_fn(
         The estimate is XLA's memory analysis of one block's compiled one-sample
         program plus the kernel's accumulators
         (:mod:`mcntk._budget`); each call signature's choice is in
-        ``kernel_fn.block_sizes``.
+        ``kernel_fn.block_sizes``. On GPUs and TPUs the budget (without one, in a
+        single process: half the memory the device reports) also sets how many
+        samples a device draws and computes together, vmapped, per step (at most 16;
+        one on CPUs); each program's choice is in ``kernel_fn.samples_per_step``.
 
     Returns:
       ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``. ``get`` is None (an
@@ -190,13 +193,12 @@ def monte_carlo_kernel_fn(
     kernel_fn.independence = spec.independence
     kernel_fn.auto_choices = spec.auto_choices
     kernel_fn.block_sizes = estimator.block_sizes
+    kernel_fn.samples_per_step = estimator.samples_per_step
     return kernel_fn
 
 
 class _Estimator:
     """Wires the stages: inputs -> grid plan -> placement -> programs -> moments."""
-
-    samples_per_step = 1  # samples vmapped per loop step on a device
 
     def __init__(self, init_fn, spec: KernelSpec, key, batch_size: int, on_device: bool,
                  devices: _placement.Devices, memory_budget: int | None = None):
@@ -209,6 +211,7 @@ class _Estimator:
         self._assemblers: dict[Any, Callable] = {}  # jitted finalize per plan and layout
         self.memory_budget = memory_budget
         self.block_sizes: dict[Any, _budget.BlockChoice] = {}  # under memory_budget
+        self.samples_per_step: dict[Any, int] = {}  # per program signature
 
     # --- programs ----------------------------------------------------------------
 
@@ -235,10 +238,41 @@ class _Estimator:
     def _reuse(self, pairs) -> bool:
         """Whether two-sided blocks ``pairs`` compute x1's part once per grid row: rows
         of several blocks, run together on the devices (:mod:`mcntk._staging`)."""
-        return (self.on_device and self.samples_per_step == 1
-                and len({i for i, _ in pairs}) < len(pairs))
+        return self.on_device and len({i for i, _ in pairs}) < len(pairs)
 
-    def _program(self, names, call, blocks1, blocks2, count, params_struct, reuse=False):
+    def _vmaps_samples(self) -> bool:
+        """Whether a device may compute several samples per loop step: not on CPUs, where
+        it measured no faster (``benchmarks/RESULTS.md``, "Samples per step")."""
+        return self.devices.platform != "cpu"
+
+    def _per_step(self, names, call, blocks1, blocks2, params_struct, placement, n_blocks,
+                  samples, key) -> int:
+        """Samples vmapped per loop step on each device (:func:`_budget.samples_per_step`),
+        once per program signature (recorded in ``kernel_fn.samples_per_step``)."""
+        share = min(-(-samples // placement.ds), _budget.MOST_PER_STEP)
+        key = None if key is None else key + (share,)
+        if key is not None and key in self.samples_per_step:
+            return self.samples_per_step[key]
+        budget = self.memory_budget or _budget.device_budget(placement.mesh.devices.flat[0])
+        per_step = 1
+        if share > 1 and budget is not None and self._vmaps_samples():
+            # the model's own grouped convolutions run one sample at a time (as in _program)
+            forward, args = self._block_kernel(("nngp",), call, blocks1, blocks2,
+                                               params_struct)[2:]
+            if not _sampler.has_convolution(jax.make_jaxpr(forward)(*args), grouped=True):
+                one = self._block_kernel(names, call, blocks1, blocks2, params_struct)[2]
+                peak, per_block = self._one_sample_bytes(one, args)
+                # the accumulators of this program's blocks, with stderr's two more
+                per_step = _budget.samples_per_step(peak, 3 * per_block * n_blocks, budget,
+                                                    share)
+        if key is not None:
+            if len(self.samples_per_step) >= auto.CACHE_LIMIT:
+                self.samples_per_step.clear()
+            self.samples_per_step[key] = per_step
+        return per_step
+
+    def _program(self, names, call, blocks1, blocks2, count, params_struct, reuse=False,
+                 samples=1):
         placement = _placement.place(self.devices, count)
         per_row = max(1, -(-count // placement.db))
         if not self.on_device:
@@ -248,11 +282,14 @@ class _Estimator:
         # whether leaves are cut into stacked blocks changes the program, not the block shapes
         cut = (tuple(blocks1.batched), None if blocks2 is None else tuple(blocks2.batched))
         reuse = reuse and per_row > 1
-        cache_key = (names, sig, blocks2 is None, call.static, per_row, self.samples_per_step,
-                     cut, reuse,
+        cache_key = (names, sig, blocks2 is None, call.static, per_row, cut, reuse,
                      tuple(d.id for d in placement.mesh.devices.flat), placement.mesh.devices.shape,
                      auto.signature(call.side1.x, call.side1.dyn))
         cache_key = cache_key if call.static is not None else None
+        # a row's x1 part is kept per sample when reused: one sample per step then
+        per_step = 1 if reuse else self._per_step(names, call, blocks1, blocks2, params_struct,
+                                                  placement, count, samples, cache_key)
+        cache_key = cache_key and cache_key + (per_step,)
         if cache_key is not None and cache_key in self._programs:
             return self._programs[cache_key]
 
@@ -265,7 +302,7 @@ class _Estimator:
         one, args = self._block_kernel(("nngp",), call, blocks1, blocks2, params_struct)[2:]
         forward = jax.make_jaxpr(one)(*args)
         grouped = _sampler.has_convolution(forward, grouped=True)
-        stepped = (placement.db * placement.ds == 1 and self.samples_per_step == 1 and (
+        stepped = (placement.db * placement.ds == 1 and per_step == 1 and (
             grouped or (self.devices.platform == "cpu" and _sampler.has_convolution(forward))))
         options = self.options._replace(separate_sides=reuse)
         init = self.planner.init(call.side1)
@@ -274,7 +311,7 @@ class _Estimator:
         program = _sampler.make_program(init,
                                         self._one_sample(names, impl, options, vmap),
                                         placement, blocks1, blocks2, per_row,
-                                        call.side1.dyn, self.samples_per_step, stepped,
+                                        call.side1.dyn, per_step, stepped,
                                         grouped and "ntk" in names, reuse,
                                         _sampler.dropout_key_like(self.key))
         if cache_key is not None:
@@ -338,7 +375,7 @@ class _Estimator:
         for symmetric, pairs in plan.groups().items():  # diagonal blocks of x2=None: one side
             b2 = None if symmetric else blocks2
             impl, vmap, one, args = self._block_kernel(names, call, blocks1, b2, params_struct)
-            memory = jax.jit(one).lower(*args).compile().memory_analysis()
+            program_peak, block_bytes = self._one_sample_bytes(one, args)
             kept = 0  # a row's x1 part, kept while its blocks are computed
             per_device = -(-len(pairs) // _placement.place(self.devices, len(pairs)).db)
             if not symmetric and self._reuse(pairs) and per_device > 1:
@@ -348,11 +385,19 @@ class _Estimator:
                                                _sampler.dropout_key_like(self.key))
                 kept = 0 if stages is None else sum(
                     math.prod(r.shape) * r.dtype.itemsize for r in stages.residuals)
-            peak = max(peak, _budget.peak_bytes(memory) + kept)
-            per_block = max(per_block, sum(
-                math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
-                for v in jax.tree.leaves(jax.eval_shape(one, *args))))
+            peak = max(peak, program_peak + kept)
+            per_block = max(per_block, block_bytes)
         return peak + per_block * len(plan.pairs()) * (3 if stderr else 1)
+
+    @staticmethod
+    def _one_sample_bytes(one, args) -> tuple[int, int]:
+        """``(peak bytes of the compiled one-sample program one(*args), bytes of one
+        block's accumulators)``."""
+        memory = jax.jit(one).lower(*args).compile().memory_analysis()
+        accumulators = sum(
+            math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
+            for v in jax.tree.leaves(jax.eval_shape(one, *args)))
+        return _budget.peak_bytes(memory), accumulators
 
     # --- the run -------------------------------------------------------------------
 
@@ -376,7 +421,7 @@ class _Estimator:
         for symmetric, pairs in plan.groups().items():
             b2 = None if symmetric else blocks2
             program = self._program(names, call, blocks1, b2, len(pairs), params_struct,
-                                    b2 is not None and self._reuse(pairs))
+                                    b2 is not None and self._reuse(pairs), counts[-1])
             waves.extend(self._waves(program, plan, pairs, blocks1, b2, call))
         identity = (call, names, params_struct, blocks1, batch_size)
         return self._loop(plan, waves, layouts, treedef, counts, run, identity)

@@ -345,3 +345,19 @@ def test_checkpoint_merges_on_the_host(tmp_path, monkeypatch):
     chex.assert_trees_all_close(first.ntk.n_samples, 8)
     chex.assert_trees_all_close(resumed, estimate(MLP, X1, None, n=12, device_count=0,
                                                   stderr=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device_count,batch_size", [(-1, 0), (3, 2)])
+def test_vmapped_samples_on_a_mesh(device_count, batch_size, monkeypatch):
+    """Several samples per step on each device (as on GPUs and TPUs), the devices
+    splitting samples and blocks: the single-device estimate, one sample per step."""
+    from mcntk import monte_carlo
+
+    one = estimate(DROPOUT, X1, None, 13, device_count=0, batch_size=batch_size)
+    monkeypatch.setattr(monte_carlo._Estimator, "_vmaps_samples", lambda self: True)
+    fn = mcntk.monte_carlo_kernel_fn(*DROPOUT, KEY, 13, implementation=1,
+                                     device_count=device_count, batch_size=batch_size,
+                                     memory_budget=2**30)
+    many = fn(X1, None, ("nngp", "ntk"))
+    assert max(fn.samples_per_step.values()) > 1, fn.samples_per_step
+    close(many, one, rtol=1e-5)

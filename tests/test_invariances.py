@@ -135,13 +135,64 @@ def test_one_compilation_serves_any_n_samples():
 
 
 def test_samples_per_step_matches(monkeypatch):
+    """Samples vmapped per step (as on GPUs and TPUs) == one at a time (as on CPUs)."""
     init_fn, apply_fn = _mlp()
     x1, x2 = _x(1, (3, 3)), _x(2, (2, 3))
     key = jax.random.PRNGKey(2)
-    ref = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7)(x1, x2)
-    monkeypatch.setattr(monte_carlo._Estimator, "samples_per_step", 3)
-    chunked = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7)(x1, x2)
+    ref_fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7, memory_budget=2**30)
+    ref = ref_fn(x1, x2)
+    assert set(ref_fn.samples_per_step.values()) == {1}  # on CPUs: one at a time
+    monkeypatch.setattr(monte_carlo._Estimator, "_vmaps_samples", lambda self: True)
+    chunked_fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, key, 7, memory_budget=2**30)
+    chunked = chunked_fn(x1, x2)
+    assert set(chunked_fn.samples_per_step.values()) == {7}  # all 7 fit in 1 GiB
     close(chunked, ref)
+
+
+_DROPOUT = stax_serial(stax.Dense(8), stax.Relu, stax.Dropout(0.6, mode="train"), stax.Dense(2))
+
+
+@pytest.mark.parametrize("case", ["dropout", "generator", "stderr", "x2_none_blocks", "conv"])
+def test_vmapped_samples_match_one_at_a_time(case, monkeypatch):
+    """Several samples per step, vmapped (GPUs, TPUs) == one per step (CPUs): the
+    dropout keys, the generator's boundaries, stderr's moments, the blocks of x2=None and
+    a CNN's per-example NTK."""
+    model = {"dropout": _DROPOUT, "conv": _fcn()}.get(case) or _mlp()
+    x1, x2 = _x(1, (6, 3)), _x(2, (4, 3))
+    if case == "conv":
+        x1, x2 = _x(1, (3, 4, 4, 2)), _x(2, (2, 4, 4, 2))
+    counts, kw = 11, {"memory_budget": 2**30}
+    if case == "generator":
+        counts = [2, 5, 11]
+    elif case == "stderr":
+        kw["stderr"] = True
+    elif case == "x2_none_blocks":
+        x2, kw["batch_size"] = None, 2
+
+    def run():
+        fn = mcntk.monte_carlo_kernel_fn(*model, jax.random.PRNGKey(4), counts, **kw)
+        out = fn(x1, x2, ("nngp", "ntk"))
+        return list(out) if case == "generator" else out, set(fn.samples_per_step.values())
+
+    ref, one = run()
+    monkeypatch.setattr(monte_carlo._Estimator, "_vmaps_samples", lambda self: True)
+    got, many = run()
+    assert one == {1} and many == {11}, (one, many)
+    close(got, ref)
+
+
+def test_grouped_convolution_takes_one_sample_per_step(monkeypatch):
+    """A grouped convolution's gradient cannot be batched under a mesh sharding: such a
+    model's NTK runs one sample per step whatever the budget."""
+    monkeypatch.setattr(monte_carlo._Estimator, "_vmaps_samples", lambda self: True)
+    fn = mcntk.monte_carlo_kernel_fn(*reference.depthwise_network(), jax.random.PRNGKey(0), 4,
+                                     memory_budget=2**30)
+    out = fn(_x(5, (3, 4, 4, 2)), None, "ntk")
+    assert set(fn.samples_per_step.values()) == {1}
+    assert np.isfinite(np.asarray(out)).all()
+    plain = mcntk.monte_carlo_kernel_fn(*_mlp(), jax.random.PRNGKey(0), 4, memory_budget=2**30)
+    plain(_x(1, (3, 3)), None, "ntk")
+    assert set(plain.samples_per_step.values()) == {4}  # the same budget, no grouped conv
 
 
 @pytest.mark.parametrize("vmap_axes,trace_axes,diagonal_axes", [

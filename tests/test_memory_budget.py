@@ -130,3 +130,42 @@ def test_symmetric_estimate_covers_the_two_sided_blocks():
 
     two_sided = peak(jax.random.normal(jax.random.PRNGKey(5), X.shape))
     assert peak(None) >= 0.9 * two_sided
+
+
+# --- samples per step (GPUs and TPUs; forced here on CPU devices) ----------------------
+
+
+def test_samples_per_step_fits_the_budget():
+    assert _budget.samples_per_step(10 * MiB, 4 * MiB, 64 * MiB, 100) == 6  # (64 - 4) / 10
+    assert _budget.samples_per_step(10 * MiB, 4 * MiB, 64 * MiB, 3) == 3  # the device's share
+    assert _budget.samples_per_step(10 * MiB, 4 * MiB, 10 * MiB, 100) == 1  # at least one
+    assert _budget.samples_per_step(MiB, 0, 2**40, 1000) == _budget.MOST_PER_STEP
+    assert _budget.samples_per_step(10 * MiB, 0, None, 100) == 1  # no budget known
+
+
+def test_no_device_budget_on_cpu():
+    assert _budget.device_budget(jax.devices("cpu")[0]) is None
+
+
+@pytest.fixture
+def vmapped_samples(monkeypatch):
+    """Devices that compute several samples per step, as GPUs and TPUs do."""
+    from mcntk import monte_carlo
+    monkeypatch.setattr(monte_carlo._Estimator, "_vmaps_samples", lambda self: True)
+
+
+def test_samples_per_step_grows_with_the_budget(vmapped_samples):
+    x1, x2 = X[:24], X[24:40]
+    steps, results = [], []
+    for budget in (None, 4 * MiB, 2**30):
+        init_fn, apply_fn = _model()
+        fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 9,
+                                         implementation=3, memory_budget=budget)
+        results.append(fn(x1, x2, ("nngp", "ntk")))
+        steps.append(set(fn.samples_per_step.values()))
+    assert steps[0] == {1}  # no budget, and CPUs report no device memory
+    (tight,), (loose,) = steps[1:]
+    assert 1 < tight < loose == 9, steps  # 9 samples: all of them in 1 GiB
+    for got in results[1:]:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(results[0]), rtol=2e-5,
+                                   atol=1e-5)

@@ -139,9 +139,9 @@ def test_reuse_is_chosen_only_for_rows_of_several_blocks(monkeypatch):
     seen = []
     real = monte_carlo._Estimator._program
 
-    def spy(self, *args):
-        program = real(self, *args)
-        seen.append(args[-1])
+    def spy(self, names, call, blocks1, blocks2, count, params_struct, reuse, *rest):
+        program = real(self, names, call, blocks1, blocks2, count, params_struct, reuse, *rest)
+        seen.append(reuse)
         return program
 
     monkeypatch.setattr(monte_carlo._Estimator, "_program", spy)

@@ -504,3 +504,43 @@ def test_only_public_jax_apis():
         for private in ("jax._src", "jax.core", "jax.interpreters", "jax.util", "jax.lib"):
             assert private not in text, (path.name, private)
 
+
+
+@pytest.mark.parametrize("la,lb,out", [
+    ("ikf", "jkf", "ij"),  # a dense layer's cotangent Gram: two contracting axes
+    ("iokf", "jokf", "ioj"),  # a size-1 batch axis, moved
+    ("bikf", "bjkf", "bij"),  # a batch label
+    ("ikf", "jkf", "ji"),  # output transposed
+    ("ikfs", "jkf", "ij"),  # a label summed on one side first
+    ("ifk", "jkf", "ij"),  # contracting axes in another order: jnp.einsum's layout
+    ("iik", "jk", "ij"),  # a repeated label: left to jnp.einsum
+    ("i", "j", "ij"),  # nothing contracted
+])
+def test_pairwise_contraction_is_einsum(la, lb, out):
+    from mcntk.ntk import _contract
+    sizes = {"i": 3, "j": 4, "k": 5, "f": 6, "b": 2, "s": 7, "o": 1}
+    names = {c: n for n, c in enumerate(sorted(sizes))}
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal([sizes[c] for c in la]).astype(np.float32)
+    b = rng.standard_normal([sizes[c] for c in lb]).astype(np.float32)
+    if la == "iik":
+        a = rng.standard_normal((3, 3, 5)).astype(np.float32)
+    labels = lambda s: [names[c] for c in s]
+    got = _contract._pair(jnp.asarray(a), labels(la), jnp.asarray(b), labels(lb), labels(out))
+    want = np.einsum(f"{la},{lb}->{out}", a.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    mixed = _contract._pair(jnp.asarray(a, jnp.bfloat16), labels(la), jnp.asarray(b),
+                            labels(lb), labels(out))
+    assert mixed.dtype == jnp.float32  # promoted as jnp.einsum promotes
+
+
+def test_dense_cotangent_gram_is_one_matrix_product():
+    """The Gram of a dense layer's cotangents [example, output, feature] contracts one
+    merged axis (XLA's CPU compiler copied both operands for two contracting axes)."""
+    from mcntk.ntk import _contract
+    g = jnp.ones((8, 10, 32))
+    jaxpr = jax.make_jaxpr(lambda a, b: _contract._pair(a, [0, 1, 2], b, [3, 1, 2], [0, 3]))(
+        g, g)
+    (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    (contracting, _), _ = dot.params["dimension_numbers"]
+    assert len(contracting) == 1 and dot.invars[0].aval.shape == (1, 8, 320)

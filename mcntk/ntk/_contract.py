@@ -243,7 +243,9 @@ def _einsum(operands: list[tuple[Any, list[int]]], out: list[int]) -> jax.Array:
     args: list[Any] = []
     for array, labels in operands:
         args += [array, labels]
-    if len(operands) <= 2:
+    if len(operands) == 2:
+        return _pair(*operands[0], *operands[1], out)
+    if len(operands) < 2:
         return jnp.einsum(*args, out, precision=jax.lax.Precision.HIGHEST)
     path = [p for p in jnp.einsum_path(*args, out, optimize="auto")[0] if not isinstance(p, str)]
     ops = [(a, list(labels)) for a, labels in operands]
@@ -258,11 +260,66 @@ def _einsum(operands: list[tuple[Any, list[int]]], out: list[int]) -> jax.Array:
         a: list[Any] = []
         for array, labels in picked:
             a += [array, labels]
-        value = jnp.einsum(*a, keep, precision=jax.lax.Precision.HIGHEST)
+        value = (_pair(*picked[0], *picked[1], keep) if len(picked) == 2
+                 else jnp.einsum(*a, keep, precision=jax.lax.Precision.HIGHEST))
         if step < len(path) - 1:
             value = jax.lax.optimization_barrier(value)
         ops.append((value, keep))
     return ops[0][0]
+
+
+def _pair(a: jax.Array, la: list[int], b: jax.Array, lb: list[int], out: list[int]
+          ) -> jax.Array:
+    """``einsum(a, la, b, lb, out)``; where both operands are already laid out as
+    ``[batch, free, contracted]`` (up to axes of size 1), as one matrix product of their
+    3-d views: the labels contracted together merged into one axis. (Given several
+    contracting axes, XLA's CPU compiler lays the operands out again, with copies that
+    took longer than the product itself for a dense layer's cotangent Gram.) Other
+    layouts, repeated labels within an operand, or output labels that neither operand
+    carries are left to ``jnp.einsum``."""
+    if len(set(la)) < len(la) or len(set(lb)) < len(lb) or not set(out) <= {*la, *lb}:
+        return jnp.einsum(a, la, b, lb, out, precision=jax.lax.Precision.HIGHEST)
+    dtype = jnp.result_type(a, b)
+    a, b = a.astype(dtype), b.astype(dtype)
+    # labels of one operand only that the output drops: summed first
+    a, la = _sum_out(a, la, {*lb, *out})
+    b, lb = _sum_out(b, lb, {*la, *out})
+    batch = [x for x in la if x in lb and x in out]
+    summed = [x for x in la if x in lb and x not in out]
+    free_a = [x for x in la if x not in lb]
+    free_b = [x for x in lb if x not in la]
+    size = {**dict(zip(la, a.shape)), **dict(zip(lb, b.shape))}
+    count = lambda labels: math.prod(size[x] for x in labels)
+    orders = [[labels.index(x) for x in batch + free + summed]
+              for labels, free in ((la, free_a), (lb, free_b))]
+    if not all(_moves_nothing(order, v.shape) for order, v in zip(orders, (a, b))):
+        # an operand laid out again either way: XLA's choice of how
+        return jnp.einsum(a, la, b, lb, out, precision=jax.lax.Precision.HIGHEST)
+
+    def matrix(v, order, free):
+        return jnp.transpose(v, order).reshape(count(batch), count(free), count(summed))
+
+    product = jax.lax.dot_general(matrix(a, orders[0], free_a), matrix(b, orders[1], free_b),
+                                  (((2,), (2,)), ((0,), (0,))),
+                                  precision=jax.lax.Precision.HIGHEST)
+    labels = batch + free_a + free_b
+    product = product.reshape([size[x] for x in labels])
+    return jnp.transpose(product, [labels.index(x) for x in out])
+
+
+def _moves_nothing(order: list[int], shape) -> bool:
+    """Whether ``transpose(v, order)`` keeps ``v``'s elements in place (it moves only
+    axes of size 1)."""
+    kept = [i for i in order if shape[i] != 1]
+    return kept == sorted(kept)
+
+
+def _sum_out(v: jax.Array, labels: list[int], keep: set) -> tuple[jax.Array, list[int]]:
+    """``v`` summed over its labels not in ``keep``."""
+    drop = tuple(i for i, x in enumerate(labels) if x not in keep)
+    if not drop:
+        return v, labels
+    return jnp.sum(v, axis=drop), [x for x in labels if x in keep]
 
 
 def _flops(operands: list[tuple[Any, list[int]]], out: list[int]) -> float:
