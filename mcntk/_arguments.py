@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry_prng_impl
 
 
 def canonicalize_n_samples(n_samples: Any) -> tuple[tuple[int, ...], bool]:
@@ -65,3 +66,11 @@ def check_key(key: Any) -> Any:
         raise ValueError(f"`key` must be a PRNG key (uint32[2] from jax.random.PRNGKey or a "
                          f"typed key from jax.random.key), got {arr.dtype}{list(arr.shape)}.")
     return arr
+
+
+def is_threefry(key: Any) -> bool:
+    """Whether ``key`` (as :func:`check_key` returns it) is a threefry key: raw
+    ``uint32[2]`` keys are."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(key)) == str(threefry_prng_impl.name)
+    return True

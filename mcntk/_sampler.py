@@ -172,9 +172,7 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
             lambda *a: stages.early(early_args(*a)))
         return Program(_stepped(init, kernels, per_row, early), placement, kernel_shapes)
 
-    c = per_step
-
-    def draw(chain, r):
+    def draw(chain, r, c):
         """The splits of this device's next ``c`` samples, and the chain after them."""
         if ds == 1 and c == 1:
             chain, split = jax.random.split(chain)
@@ -183,7 +181,7 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
                                      length=ds * c)
         return chain, splits[r + ds * jnp.arange(c)]
 
-    def sample_params(init_keys, init_args, live):
+    def sample_params(init_keys, init_args, live, c):
         if c == 1:
             return jax.tree.map(lambda v: v[None],
                                 materialized_params(init, init_keys[0], init_args, live[0]))
@@ -195,77 +193,86 @@ def make_program(init: Callable, one_sample: OneSample, placement: Placement,
 
     def device(moments, key, n, pairs, valid, same, leaves1, leaves2, init_args):
         """One device: its ``q`` blocks; its samples ``r, r + ds, ...`` of ``0 .. n-1``,
-        ``c`` at a time."""
+        ``per_step`` at a time, the rest one at a time."""
         moments = jax.tree.map(lambda v: v[0], moments)
         r = placement.index(SAMPLES)
         row = placement.index(BLOCKS)  # this device's blocks are row * per_row + p
         local = jnp.maximum(n - r + ds - 1, 0) // ds
 
-        def step(u, carry):
-            chain, moments, failure = carry
-            chain, splits = draw(chain, r)
-            keys = jax.vmap(jax.random.split)(splits)
-            init_keys, dropout_keys = keys[:, 0], keys[:, 1]
-            index = u * c + jnp.arange(c)  # this device's sample numbers
-            live = index < local
-            params = sample_params(init_keys, init_args, live)
-            t = index * ds + r  # sample numbers within the step
+        def stepper(c, offset):
+            """A loop step of ``c`` samples, from this device's sample ``offset`` on."""
 
-            def add(p, state, ks):
-                """Block ``p``'s kernels (leading axis: the step's samples) added."""
-                moments, failure = state
-                mine = jax.tree.map(lambda v: v[p], moments)
-                for s in range(c):  # in sample order, as a sequential run adds them
-                    k = jax.tree.map(lambda v, s=s: v[s], ks)
-                    ok, failure = _failure_update(failure, k, live[s], t[s], row * per_row + p)
-                    mine = _accumulate.update(mine, k, ok & live[s])
-                return jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine), failure
+            def step(u, carry):
+                chain, moments, failure = carry
+                chain, splits = draw(chain, r, c)
+                keys = jax.vmap(jax.random.split)(splits)
+                init_keys, dropout_keys = keys[:, 0], keys[:, 1]
+                index = offset + u * c + jnp.arange(c)  # this device's sample numbers
+                live = index < local
+                params = sample_params(init_keys, init_args, live, c)
+                t = index * ds + r  # sample numbers within the step
 
-            if stages is not None:  # c == 1: per block row, x1's part, then its blocks
-                one = jax.tree.map(lambda v: v[0], params)
-                first = dropout_keys[0]
-                # this device's valid blocks are a prefix; a row starts where i changes
-                starts = valid & jnp.concatenate(
-                    [jnp.ones((1,), bool), pairs[1:, 0] != pairs[:-1, 0]])
-                count = jnp.sum(valid.astype(jnp.int32))
-                bounds = jnp.append(jnp.nonzero(starts, size=per_row, fill_value=count)[0],
-                                    count)
+                def add(p, state, ks):
+                    """Block ``p``'s kernels (leading axis: the step's samples) added."""
+                    moments, failure = state
+                    mine = jax.tree.map(lambda v: v[p], moments)
+                    for s in range(c):  # in sample order, as a sequential run adds them
+                        k = jax.tree.map(lambda v, s=s: v[s], ks)
+                        ok, failure = _failure_update(failure, k, live[s], t[s], row * per_row + p)
+                        mine = _accumulate.update(mine, k, ok & live[s])
+                    return jax.tree.map(lambda v, w: v.at[p].set(w), moments, mine), failure
 
-                def block_row(u, state):
-                    lo, hi = bounds[u], bounds[u + 1]
-                    residuals = stages.early(early_args(one, first, pairs[lo, 0], leaves1))
+                if stages is not None:  # c == 1: per block row, x1's part, then its blocks
+                    one = jax.tree.map(lambda v: v[0], params)
+                    first = dropout_keys[0]
+                    # this device's valid blocks are a prefix; a row starts where i changes
+                    starts = valid & jnp.concatenate(
+                        [jnp.ones((1,), bool), pairs[1:, 0] != pairs[:-1, 0]])
+                    count = jnp.sum(valid.astype(jnp.int32))
+                    bounds = jnp.append(jnp.nonzero(starts, size=per_row, fill_value=count)[0],
+                                        count)
 
-                    def block(p, state):
-                        ks = kernels(one, first, same[p], pairs[p, 0], pairs[p, 1], leaves1,
-                                     leaves2, residuals)
-                        return add(p, state, jax.tree.map(lambda v: v[None], ks))
+                    def block_row(u, state):
+                        lo, hi = bounds[u], bounds[u + 1]
+                        residuals = stages.early(early_args(one, first, pairs[lo, 0], leaves1))
 
-                    return jax.lax.fori_loop(lo, hi, block, state)
+                        def block(p, state):
+                            ks = kernels(one, first, same[p], pairs[p, 0], pairs[p, 1], leaves1,
+                                         leaves2, residuals)
+                            return add(p, state, jax.tree.map(lambda v: v[None], ks))
 
-                moments, failure = jax.lax.fori_loop(0, jnp.sum(starts.astype(jnp.int32)),
-                                                     block_row, (moments, failure))
+                        return jax.lax.fori_loop(lo, hi, block, state)
+
+                    moments, failure = jax.lax.fori_loop(0, jnp.sum(starts.astype(jnp.int32)),
+                                                         block_row, (moments, failure))
+                    return chain, moments, failure
+
+                def block(p, state):
+                    def compute(state):
+                        args = (same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2)
+                        if c == 1:
+                            ks = jax.tree.map(lambda v: v[None], kernels(
+                                jax.tree.map(lambda v: v[0], params), dropout_keys[0], *args))
+                        else:
+                            ks = jax.vmap(lambda pr, dk: kernels(pr, dk, *args))(params,
+                                                                                dropout_keys)
+                        return add(p, state, ks)
+
+                    return jax.lax.cond(valid[p], compute, lambda s: s, state)
+
+                moments, failure = jax.lax.fori_loop(0, per_row, block, (moments, failure))
                 return chain, moments, failure
 
-            def block(p, state):
-                def compute(state):
-                    args = (same[p], pairs[p, 0], pairs[p, 1], leaves1, leaves2)
-                    if c == 1:
-                        ks = jax.tree.map(lambda v: v[None], kernels(
-                            jax.tree.map(lambda v: v[0], params), dropout_keys[0], *args))
-                    else:
-                        ks = jax.vmap(lambda pr, dk: kernels(pr, dk, *args))(params,
-                                                                            dropout_keys)
-                    return add(p, state, ks)
-
-                return jax.lax.cond(valid[p], compute, lambda s: s, state)
-
-            moments, failure = jax.lax.fori_loop(0, per_row, block, (moments, failure))
-            return chain, moments, failure
+            return step
 
         none = jnp.asarray(NO_FAILURE, jnp.int32)
         failure = Failure(none, none, none)
-        steps = (local + c - 1) // c
-        _, moments, failure = jax.lax.fori_loop(0, steps, step, (key, moments, failure))
+        full = local // per_step
+        carry = jax.lax.fori_loop(0, full, stepper(per_step, 0), (key, moments, failure))
+        if per_step > 1:  # the rest one at a time: a call's last step computes no surplus
+            carry = jax.lax.fori_loop(0, local - full * per_step, stepper(1, full * per_step),
+                                      carry)
+        _, moments, failure = carry
         moments = jax.tree.map(lambda v: v[None], moments)
         failure = jax.tree.map(lambda v: jnp.reshape(v, (1, 1)), failure)
         return moments, failure

@@ -245,34 +245,43 @@ class _Estimator:
         it measured no faster (``benchmarks/RESULTS.md``, "Samples per step")."""
         return self.devices.platform != "cpu"
 
-    def _per_step(self, names, call, blocks1, blocks2, params_struct, placement, n_blocks,
-                  samples, key) -> int:
+    def _per_step(self, names, call, blocks1, blocks2, params_struct, placement, reuse,
+                  samples, all_blocks, key) -> tuple[int, Any]:
         """Samples vmapped per loop step on each device (:func:`_budget.samples_per_step`),
-        once per program signature (recorded in ``kernel_fn.samples_per_step``)."""
+        once per program signature (recorded in ``kernel_fn.samples_per_step`` under the
+        returned key).
+
+        One where a step of several is not possible or not the same: on CPUs; with
+        ``reuse`` (a row's x1 part is kept per sample); with keys other than threefry
+        (vmapped, ``rbg`` keys give other bits than one at a time); for models whose
+        kernels JAX cannot vmap over samples (its batching rule for some convolution
+        derivatives: see :func:`_or_one_per_step`) or with their own grouped convolutions
+        (as in ``_program``).
+        """
         share = min(-(-samples // placement.ds), _budget.MOST_PER_STEP)
         key = None if key is None else key + (share,)
         if key is not None and key in self.samples_per_step:
-            return self.samples_per_step[key]
+            return self.samples_per_step[key], key
         budget = self.memory_budget or _budget.device_budget(placement.mesh.devices.flat[0])
         per_step = 1
-        if share > 1 and budget is not None and self._vmaps_samples():
-            # the model's own grouped convolutions run one sample at a time (as in _program)
+        if (share > 1 and budget is not None and not reuse and self._vmaps_samples()
+                and _arguments.is_threefry(self.key)):
             forward, args = self._block_kernel(("nngp",), call, blocks1, blocks2,
                                                params_struct)[2:]
             if not _sampler.has_convolution(jax.make_jaxpr(forward)(*args), grouped=True):
                 one = self._block_kernel(names, call, blocks1, blocks2, params_struct)[2]
                 peak, per_block = self._one_sample_bytes(one, args)
-                # the accumulators of this program's blocks, with stderr's two more
-                per_step = _budget.samples_per_step(peak, 3 * per_block * n_blocks, budget,
+                # the accumulators of every block of the call, with stderr's two more
+                per_step = _budget.samples_per_step(peak, 3 * per_block * all_blocks, budget,
                                                     share)
         if key is not None:
             if len(self.samples_per_step) >= auto.CACHE_LIMIT:
                 self.samples_per_step.clear()
             self.samples_per_step[key] = per_step
-        return per_step
+        return per_step, key
 
     def _program(self, names, call, blocks1, blocks2, count, params_struct, reuse=False,
-                 samples=1):
+                 samples=1, all_blocks=None):
         placement = _placement.place(self.devices, count)
         per_row = max(1, -(-count // placement.db))
         if not self.on_device:
@@ -286,9 +295,9 @@ class _Estimator:
                      tuple(d.id for d in placement.mesh.devices.flat), placement.mesh.devices.shape,
                      auto.signature(call.side1.x, call.side1.dyn))
         cache_key = cache_key if call.static is not None else None
-        # a row's x1 part is kept per sample when reused: one sample per step then
-        per_step = 1 if reuse else self._per_step(names, call, blocks1, blocks2, params_struct,
-                                                  placement, count, samples, cache_key)
+        per_step, step_key = self._per_step(names, call, blocks1, blocks2, params_struct,
+                                            placement, reuse, samples, all_blocks or count,
+                                            cache_key)
         cache_key = cache_key and cache_key + (per_step,)
         if cache_key is not None and cache_key in self._programs:
             return self._programs[cache_key]
@@ -302,18 +311,28 @@ class _Estimator:
         one, args = self._block_kernel(("nngp",), call, blocks1, blocks2, params_struct)[2:]
         forward = jax.make_jaxpr(one)(*args)
         grouped = _sampler.has_convolution(forward, grouped=True)
-        stepped = (placement.db * placement.ds == 1 and per_step == 1 and (
-            grouped or (self.devices.platform == "cpu" and _sampler.has_convolution(forward))))
         options = self.options._replace(separate_sides=reuse)
         init = self.planner.init(call.side1)
         if self.devices.platform == "cpu":
             init = _draws.unrolled(init)  # the same draws, in one pass (mcntk._draws)
-        program = _sampler.make_program(init,
-                                        self._one_sample(names, impl, options, vmap),
-                                        placement, blocks1, blocks2, per_row,
-                                        call.side1.dyn, per_step, stepped,
-                                        grouped and "ntk" in names, reuse,
-                                        _sampler.dropout_key_like(self.key))
+
+        def build(per_step):
+            stepped = (placement.db * placement.ds == 1 and per_step == 1 and (
+                grouped or (self.devices.platform == "cpu"
+                            and _sampler.has_convolution(forward))))
+            return _sampler.make_program(init, self._one_sample(names, impl, options, vmap),
+                                         placement, blocks1, blocks2, per_row,
+                                         call.side1.dyn, per_step, stepped,
+                                         grouped and "ntk" in names, reuse,
+                                         _sampler.dropout_key_like(self.key))
+
+        program = build(per_step)
+        if per_step > 1:
+            def fell_back():
+                if step_key is not None:
+                    self.samples_per_step[step_key] = 1
+            program = program._replace(advance=_or_one_per_step(
+                program.advance, lambda: build(1).advance, fell_back))
         if cache_key is not None:
             self._programs[cache_key] = program
         return program
@@ -421,7 +440,8 @@ class _Estimator:
         for symmetric, pairs in plan.groups().items():
             b2 = None if symmetric else blocks2
             program = self._program(names, call, blocks1, b2, len(pairs), params_struct,
-                                    b2 is not None and self._reuse(pairs), counts[-1])
+                                    b2 is not None and self._reuse(pairs), counts[-1],
+                                    len(plan.pairs()))
             waves.extend(self._waves(program, plan, pairs, blocks1, b2, call))
         identity = (call, names, params_struct, blocks1, batch_size)
         return self._loop(plan, waves, layouts, treedef, counts, run, identity)
@@ -569,6 +589,26 @@ class _Wave(NamedTuple):
     def moments_sharding(self):
         p = self.program.placement
         return p.sharding(_placement.SAMPLES, _placement.BLOCKS)
+
+
+def _or_one_per_step(advance: Callable, one_per_step: Callable[[], Callable],
+                     fell_back: Callable[[], None]) -> Callable:
+    """``advance`` (several samples per step), or, if JAX cannot trace it (a
+    NotImplementedError from a batching rule: a plain convolution's Jacobian under
+    vmaps of samples and examples, as of JAX 0.10.2), the program of one sample per
+    step, built by ``one_per_step()`` and used from then on. Tracing fails before
+    anything runs, so the call is simply made again."""
+    current = [advance]
+
+    def call(*args):
+        if current[0] is advance:
+            try:
+                return advance(*args)
+            except NotImplementedError:
+                current[0] = one_per_step()
+                fell_back()
+        return current[0](*args)
+    return call
 
 
 def _then_fetch(advance: Callable) -> Callable:

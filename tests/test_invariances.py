@@ -10,7 +10,7 @@ from jax.example_libraries import stax
 from mcntk_reference import lenient, stax_serial
 
 import mcntk
-from mcntk import monte_carlo
+from mcntk import _budget, monte_carlo
 
 
 def _fcn():
@@ -152,32 +152,43 @@ def test_samples_per_step_matches(monkeypatch):
 _DROPOUT = stax_serial(stax.Dense(8), stax.Relu, stax.Dropout(0.6, mode="train"), stax.Dense(2))
 
 
-@pytest.mark.parametrize("case", ["dropout", "generator", "stderr", "x2_none_blocks", "conv"])
+@pytest.mark.parametrize("case", ["dropout", "generator", "stderr", "x2_none_blocks", "conv",
+                                  "conv_jacobian", "rbg_key", "rest_one_at_a_time"])
 def test_vmapped_samples_match_one_at_a_time(case, monkeypatch):
     """Several samples per step, vmapped (GPUs, TPUs) == one per step (CPUs): the
-    dropout keys, the generator's boundaries, stderr's moments, the blocks of x2=None and
-    a CNN's per-example NTK."""
-    model = {"dropout": _DROPOUT, "conv": _fcn()}.get(case) or _mlp()
+    dropout keys, the generator's boundaries, stderr's moments, the blocks of x2=None,
+    a CNN's per-example NTK; a CNN's Jacobians, which JAX cannot vmap over samples, and
+    rbg keys, whose vmapped bits differ, take one sample per step; so do the samples of
+    a call that do not fill a step."""
+    model = {"dropout": _DROPOUT, "conv": _fcn(), "conv_jacobian": _fcn()}.get(case) or _mlp()
     x1, x2 = _x(1, (6, 3)), _x(2, (4, 3))
-    if case == "conv":
+    if case.startswith("conv"):
         x1, x2 = _x(1, (3, 4, 4, 2)), _x(2, (2, 4, 4, 2))
-    counts, kw = 11, {"memory_budget": 2**30}
+    counts, kw, key, expected = 11, {"memory_budget": 2**30}, jax.random.PRNGKey(4), {11}
     if case == "generator":
         counts = [2, 5, 11]
     elif case == "stderr":
         kw["stderr"] = True
-    elif case == "x2_none_blocks":
-        x2, kw["batch_size"] = None, 2
+    elif case == "x2_none_blocks":  # blocks off the diagonal reuse x1's part: one per step
+        x2, kw["batch_size"], expected = None, 2, {1, 11}
+    elif case == "conv_jacobian":
+        kw["implementation"], kw["trace_axes"], expected = 1, (), {1}
+    elif case == "rbg_key":
+        model, key, expected = _DROPOUT, jax.random.key(4, impl="rbg"), {1}
+    elif case == "rest_one_at_a_time":  # steps of 4: calls of 2, 3 and 6 samples
+        counts, expected = [2, 5, 11], {4}
 
     def run():
-        fn = mcntk.monte_carlo_kernel_fn(*model, jax.random.PRNGKey(4), counts, **kw)
+        fn = mcntk.monte_carlo_kernel_fn(*model, key, counts, **kw)
         out = fn(x1, x2, ("nngp", "ntk"))
-        return list(out) if case == "generator" else out, set(fn.samples_per_step.values())
+        return list(out) if isinstance(counts, list) else out, set(fn.samples_per_step.values())
 
     ref, one = run()
     monkeypatch.setattr(monte_carlo._Estimator, "_vmaps_samples", lambda self: True)
+    if case == "rest_one_at_a_time":
+        monkeypatch.setattr(_budget, "samples_per_step", lambda *args: 4)
     got, many = run()
-    assert one == {1} and many == {11}, (one, many)
+    assert one == {1} and many == expected, (one, many)
     close(got, ref)
 
 

@@ -544,3 +544,14 @@ def test_dense_cotangent_gram_is_one_matrix_product():
     (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     (contracting, _), _ = dot.params["dimension_numbers"]
     assert len(contracting) == 1 and dot.invars[0].aval.shape == (1, 8, 320)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.bool_])
+def test_pairwise_contraction_keeps_einsum_types_for_integers(dtype):
+    from mcntk.ntk import _contract
+    a = jnp.ones((2, 3, 4), dtype)
+    b = jnp.ones((5, 3), dtype)
+    got = _contract._pair(a, [0, 1, 2], b, [3, 1], [0, 3])
+    want = jnp.einsum(a, [0, 1, 2], b, [3, 1], [0, 3])
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -275,9 +275,11 @@ def _pair(a: jax.Array, la: list[int], b: jax.Array, lb: list[int], out: list[in
     3-d views: the labels contracted together merged into one axis. (Given several
     contracting axes, XLA's CPU compiler lays the operands out again, with copies that
     took longer than the product itself for a dense layer's cotangent Gram.) Other
-    layouts, repeated labels within an operand, or output labels that neither operand
-    carries are left to ``jnp.einsum``."""
-    if len(set(la)) < len(la) or len(set(lb)) < len(lb) or not set(out) <= {*la, *lb}:
+    layouts, integer or bool operands, repeated labels within an operand, or output
+    labels that neither operand carries are left to ``jnp.einsum``."""
+    inexact = all(jnp.issubdtype(v.dtype, jnp.inexact) for v in (a, b))
+    if (not inexact or len(set(la)) < len(la) or len(set(lb)) < len(lb)
+            or not set(out) <= {*la, *lb}):
         return jnp.einsum(a, la, b, lb, out, precision=jax.lax.Precision.HIGHEST)
     dtype = jnp.result_type(a, b)
     a, b = a.astype(dtype), b.astype(dtype)
