@@ -328,9 +328,11 @@ class _Estimator:
 
         program = build(per_step)
         if per_step > 1:
-            def fell_back():
+            def fell_back():  # later calls find the one-per-step program under its key
                 if step_key is not None:
                     self.samples_per_step[step_key] = 1
+                if cache_key is not None:
+                    self._programs[cache_key[:-1] + (1,)] = program
             program = program._replace(advance=_or_one_per_step(
                 program.advance, lambda: build(1).advance, fell_back))
         if cache_key is not None:

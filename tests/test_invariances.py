@@ -192,6 +192,25 @@ def test_vmapped_samples_match_one_at_a_time(case, monkeypatch):
     close(got, ref)
 
 
+def test_fallback_to_one_per_step_is_kept(monkeypatch):
+    """After JAX failed to vmap a CNN's Jacobians over samples, later calls reuse the
+    one-per-step program instead of building it again."""
+    from mcntk import _sampler
+    monkeypatch.setattr(monte_carlo._Estimator, "_vmaps_samples", lambda self: True)
+    built = []
+    real = _sampler.make_program
+    monkeypatch.setattr(_sampler, "make_program",
+                        lambda *a, **k: built.append(a[7]) or real(*a, **k))
+    fn = mcntk.monte_carlo_kernel_fn(*_fcn(), jax.random.PRNGKey(0), 3, implementation=1,
+                                     trace_axes=(), memory_budget=2**30)
+    x = _x(1, (2, 4, 4, 2))
+    first = fn(x, None, "ntk")
+    assert built == [3, 1] and set(fn.samples_per_step.values()) == {1}, built
+    again = fn(x, None, "ntk")
+    assert built == [3, 1]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
+
+
 def test_grouped_convolution_takes_one_sample_per_step(monkeypatch):
     """A grouped convolution's gradient cannot be batched under a mesh sharding: such a
     model's NTK runs one sample per step whatever the budget."""
