@@ -19,11 +19,14 @@ accumulators, counting each sample at the one-sample program's estimate; the bud
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+
+from mcntk import _accumulate
 
 
 class BlockChoice(NamedTuple):
@@ -128,6 +131,16 @@ def samples_per_step(sample_bytes: int, fixed_bytes: int, budget: int | None,
         return 1
     fits = (budget - fixed_bytes) // sample_bytes
     return int(max(1, min(fits, samples, MOST_PER_STEP)))
+
+
+def program_bytes(fn: Callable, args: tuple) -> tuple[int, int]:
+    """``(peak bytes of the compiled program fn(*args), bytes of accumulators for its
+    outputs)``: for one block's one-sample kernels."""
+    memory = jax.jit(fn).lower(*args).compile().memory_analysis()
+    accumulators = sum(
+        math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
+        for v in jax.tree.leaves(jax.eval_shape(fn, *args)))
+    return peak_bytes(memory), accumulators
 
 
 def _largest_fitting(estimate, start: int, budget: int, whole: int | None = None

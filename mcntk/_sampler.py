@@ -54,6 +54,34 @@ def materialized_params(init: Callable, init_key: Any, init_args: Any, live: Any
                         lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
+def or_one_per_step(advance: Callable, one_per_step: Callable[[], Callable],
+                    fell_back: Callable[[], None]) -> Callable:
+    """``advance`` (several samples per step), or, if JAX cannot trace it (a
+    NotImplementedError from a batching rule: a plain convolution's Jacobian under
+    vmaps of samples and examples, as of JAX 0.10.2), the program of one sample per
+    step, built by ``one_per_step()`` and used from then on. Tracing fails before
+    anything runs, so the call is simply made again."""
+    current = [advance]
+
+    def call(*args):
+        if current[0] is advance:
+            try:
+                return advance(*args)
+            except NotImplementedError:
+                current[0] = one_per_step()
+                fell_back()
+        return current[0](*args)
+    return call
+
+
+def then_fetch(advance: Callable) -> Callable:
+    """``advance`` whose moments come back as NumPy arrays on every process."""
+    def run(*args):
+        moments, failure, key = advance(*args)
+        return fetch(moments), failure, key
+    return run
+
+
 def split_chain(key: Any, n: Any) -> Any:
     """``key`` advanced by ``n`` samples of the schedule."""
     return jax.lax.fori_loop(0, n, lambda i, k: jax.random.split(k)[0], key)

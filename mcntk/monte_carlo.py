@@ -247,17 +247,10 @@ class _Estimator:
 
     def _per_step(self, names, call, blocks1, blocks2, params_struct, placement, reuse,
                   samples, all_blocks, key) -> tuple[int, Any]:
-        """Samples vmapped per loop step on each device (:func:`_budget.samples_per_step`),
-        once per program signature (recorded in ``kernel_fn.samples_per_step`` under the
-        returned key).
-
-        One where a step of several is not possible or not the same: on CPUs; with
-        ``reuse`` (a row's x1 part is kept per sample); with keys other than threefry
-        (vmapped, ``rbg`` keys give other bits than one at a time); for models whose
-        kernels JAX cannot vmap over samples (its batching rule for some convolution
-        derivatives: see :func:`_or_one_per_step`) or with their own grouped convolutions
-        (as in ``_program``).
-        """
+        """Samples vmapped per loop step on each device and its record key in
+        ``kernel_fn.samples_per_step`` (:func:`_budget.samples_per_step`). One on CPUs,
+        with ``reuse``, keys other than threefry (vmapped, ``rbg`` bits differ) and the
+        model's own grouped convolutions (see docs/implementations.md)."""
         share = min(-(-samples // placement.ds), _budget.MOST_PER_STEP)
         key = None if key is None else key + (share,)
         if key is not None and key in self.samples_per_step:
@@ -270,7 +263,7 @@ class _Estimator:
                                                params_struct)[2:]
             if not _sampler.has_convolution(jax.make_jaxpr(forward)(*args), grouped=True):
                 one = self._block_kernel(names, call, blocks1, blocks2, params_struct)[2]
-                peak, per_block = self._one_sample_bytes(one, args)
+                peak, per_block = _budget.program_bytes(one, args)
                 # the accumulators of every block of the call, with stderr's two more
                 per_step = _budget.samples_per_step(peak, 3 * per_block * all_blocks, budget,
                                                     share)
@@ -333,7 +326,7 @@ class _Estimator:
                     self.samples_per_step[step_key] = 1
                 if cache_key is not None:
                     self._programs[cache_key[:-1] + (1,)] = program
-            program = program._replace(advance=_or_one_per_step(
+            program = program._replace(advance=_sampler.or_one_per_step(
                 program.advance, lambda: build(1).advance, fell_back))
         if cache_key is not None:
             self._programs[cache_key] = program
@@ -396,7 +389,7 @@ class _Estimator:
         for symmetric, pairs in plan.groups().items():  # diagonal blocks of x2=None: one side
             b2 = None if symmetric else blocks2
             impl, vmap, one, args = self._block_kernel(names, call, blocks1, b2, params_struct)
-            program_peak, block_bytes = self._one_sample_bytes(one, args)
+            program_peak, block_bytes = _budget.program_bytes(one, args)
             kept = 0  # a row's x1 part, kept while its blocks are computed
             per_device = -(-len(pairs) // _placement.place(self.devices, len(pairs)).db)
             if not symmetric and self._reuse(pairs) and per_device > 1:
@@ -409,16 +402,6 @@ class _Estimator:
             peak = max(peak, program_peak + kept)
             per_block = max(per_block, block_bytes)
         return peak + per_block * len(plan.pairs()) * (3 if stderr else 1)
-
-    @staticmethod
-    def _one_sample_bytes(one, args) -> tuple[int, int]:
-        """``(peak bytes of the compiled one-sample program one(*args), bytes of one
-        block's accumulators)``."""
-        memory = jax.jit(one).lower(*args).compile().memory_analysis()
-        accumulators = sum(
-            math.prod(v.shape) * _accumulate.accumulator_dtype(v.dtype).itemsize
-            for v in jax.tree.leaves(jax.eval_shape(one, *args)))
-        return _budget.peak_bytes(memory), accumulators
 
     # --- the run -------------------------------------------------------------------
 
@@ -453,7 +436,7 @@ class _Estimator:
         (one per block row) when finished blocks go to the host."""
         placement = program.placement
         if not self.on_device:  # each call hands its moments to the host (every process)
-            program = program._replace(advance=_then_fetch(program.advance))
+            program = program._replace(advance=_sampler.then_fetch(program.advance))
         leaves2 = None if blocks2 is None else blocks2.leaves
         shared = (blocks1.leaves, leaves2, call.side1.dyn)
         _placement.check_same((self.key, shared), "x1, x2, the keyword arrays or the key")
@@ -591,34 +574,6 @@ class _Wave(NamedTuple):
     def moments_sharding(self):
         p = self.program.placement
         return p.sharding(_placement.SAMPLES, _placement.BLOCKS)
-
-
-def _or_one_per_step(advance: Callable, one_per_step: Callable[[], Callable],
-                     fell_back: Callable[[], None]) -> Callable:
-    """``advance`` (several samples per step), or, if JAX cannot trace it (a
-    NotImplementedError from a batching rule: a plain convolution's Jacobian under
-    vmaps of samples and examples, as of JAX 0.10.2), the program of one sample per
-    step, built by ``one_per_step()`` and used from then on. Tracing fails before
-    anything runs, so the call is simply made again."""
-    current = [advance]
-
-    def call(*args):
-        if current[0] is advance:
-            try:
-                return advance(*args)
-            except NotImplementedError:
-                current[0] = one_per_step()
-                fell_back()
-        return current[0](*args)
-    return call
-
-
-def _then_fetch(advance: Callable) -> Callable:
-    """``advance`` whose moments come back as NumPy arrays on every process."""
-    def run(*args):
-        moments, failure, key = advance(*args)
-        return _placement.fetch(moments), failure, key
-    return run
 
 
 def _assemble(xp, plan: _grid.GridPlan, waves, states, layouts,
