@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTION = "## Samples per step (issue 8)"
@@ -26,6 +25,7 @@ STEPS = (1, 2, 4, 8)
 
 def seconds(name: str, per_step: int, repeats: int) -> float | None:
     import jax
+    from draws import best
     from run import workload
 
     import mcntk
@@ -39,15 +39,9 @@ def seconds(name: str, per_step: int, repeats: int) -> float | None:
     _budget.samples_per_step = lambda *args: per_step
     fn = mcntk.monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), n,
                                      vmap_axes=vmap_axes, memory_budget=2**40)
-    call = lambda: jax.block_until_ready(fn(x1, x2, ("nngp", "ntk")))
-    call()
+    elapsed = best(lambda: jax.block_until_ready(fn(x1, x2, ("nngp", "ntk"))), repeats)
     assert set(fn.samples_per_step.values()) == {per_step}, fn.samples_per_step
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return elapsed
 
 
 def main() -> None:
