@@ -264,6 +264,26 @@ def stream_keys(rng: Any, names: Sequence[str]) -> dict[str, Any]:
     return dict(zip(names, list(jax.random.split(rng, len(names)))))
 
 
+def missing_rng(framework: str, error: Exception, rng: Any) -> ValueError:
+    """The error for a model that asked for a random key ``apply`` could not give it.
+
+    ``rng`` is the key ``apply`` got: ``None`` (an empirical kernel called without
+    ``rng=``) or a key the model's call signature gives no way to pass.
+    """
+    if rng is None:
+        cause = "was called with `rng`=None"
+        remedy = ("Pass a key: kernel_fn(x1, x2, get, params, rng=key) for an empirical "
+                  "kernel (the Monte Carlo estimator passes one for every sample), or call "
+                  "the model deterministically (train=False, deterministic=True, "
+                  "inference=True, ...).")
+    else:
+        cause = "takes no `key` argument, so `rng` cannot reach it"
+        remedy = ("Give the module's __call__ a `key=None` keyword argument and pass it on "
+                  "to the layers that draw, or call them deterministically.")
+    return ValueError(f"this {framework} model draws random numbers (dropout?) but {cause}: "
+                      f"{type(error).__name__}: {error} {remedy}")
+
+
 def hold_fixed(tree: PyTree) -> PyTree:
     """``tree`` with every inexact leaf wrapped in ``jax.lax.stop_gradient``."""
     def stop(a: Any) -> Any:

@@ -10,6 +10,12 @@ with a TypeError that asks for a factory.
   non-array leaf replaced by ``None``. The rest of the module (activation
   functions, sizes) is static, taken once from ``eqx.filter_eval_shape(factory, key)``.
   Inexact arrays are the parameters; other arrays (rare) are carried as constants.
+* Stateful modules: a factory may return ``(module, state)``, as
+  ``eqx.nn.make_with_state(Net)`` does. ``params`` then holds both, and ``apply``
+  calls ``module(x, state)`` and keeps the output, the first element of the pair it
+  returns (the new state is dropped). Every ``eqx.nn.State`` in ``params`` (this
+  one, or one a module stores as a field) is held fixed with
+  ``jax.lax.stop_gradient``, as the other adapters hold BatchNorm statistics.
 * Equinox modules usually map one example: with ``batched=False`` (the default)
   ``apply`` maps the module over the leading axis of ``x`` with ``jax.vmap``;
   ``batched=True`` calls it on the whole batch.
@@ -36,16 +42,41 @@ from ._base import (
     check_kwargs,
     describe,
     dummy_key,
+    hold_fixed,
     import_framework,
     leading_size,
     loaded_module,
     make_init,
+    missing_rng,
     output_shape,
 )
 
 
 def _is_abstract_array(leaf: Any) -> bool:
     return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def _is_stateful(eqx: Any, obj: Any) -> bool:
+    """A factory's ``(module, state)`` pair, as ``eqx.nn.make_with_state`` returns."""
+    return (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], eqx.nn.State)
+            and callable(obj[0]))
+
+
+def _hold_states_fixed(eqx: Any, params: Any) -> Any:
+    """``params`` with the inexact leaves of every ``eqx.nn.State`` in it held fixed."""
+    is_state = lambda node: isinstance(node, eqx.nn.State)
+    return jax.tree.map(lambda node: hold_fixed(node) if is_state(node) else node, params,
+                        is_leaf=is_state)
+
+
+def _output(eqx: Any, out: Any) -> Any:
+    """The output of a stateful module's call ``(output, state)``."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], eqx.nn.State)):
+        raise TypeError(
+            f"the Equinox factory returned (module, state), so the module is called as "
+            f"module(x, state) and must return (output, state); it returned "
+            f"{describe(out)}.")
+    return out[0]
 
 
 def _is_module_instance(eqx: Any, obj: Any) -> bool:
@@ -109,11 +140,14 @@ class EquinoxAdapter:
         init_kw = check_kwargs("init_kwargs", init_kwargs)
 
         abstract = eqx.filter_eval_shape(factory, dummy_key())
-        if not callable(abstract):
-            raise TypeError(f"an Equinox factory must return a callable module, got "
-                            f"{describe(abstract)} from {describe(factory)}.")
+        stateful = _is_stateful(eqx, abstract)
+        if not (stateful or callable(abstract)):
+            raise TypeError(f"an Equinox factory must return a callable module or a pair "
+                            f"(module, eqx.nn.State), got {describe(abstract)} from "
+                            f"{describe(factory)}.")
         static = eqx.partition(abstract, _is_abstract_array)[1]
-        takes_key = accepts_keyword(abstract, "key", default=False, var_keyword=False)
+        takes_key = accepts_keyword(abstract[0] if stateful else abstract, "key",
+                                    default=False, var_keyword=False)
 
         def build(key, x, kwargs):
             params = eqx.filter(factory(key), eqx.is_array)
@@ -121,14 +155,33 @@ class EquinoxAdapter:
                                 params, x), params
 
         def apply(params, x, rng=None, **kwargs):
-            module = eqx.combine(params, static)
+            combined = eqx.combine(_hold_states_fixed(eqx, params), static)
+            if stateful:
+                module, state = combined
+                call = lambda xi, **kw: _output(eqx, module(xi, state, **kw))
+            else:
+                call = combined
             use_key = rng is not None and takes_key
-            if batched:
-                return module(x, key=rng, **kwargs) if use_key else module(x, **kwargs)
-            if not use_key:
-                return jax.vmap(lambda xi: module(xi, **kwargs))(x)
-            keys = jax.random.split(rng, leading_size(x))
-            return jax.vmap(lambda xi, ki: module(xi, key=ki, **kwargs))(x, keys)
+            try:
+                if batched:
+                    return call(x, key=rng, **kwargs) if use_key else call(x, **kwargs)
+                if not use_key:
+                    return jax.vmap(lambda xi: call(xi, **kwargs))(x)
+                keys = jax.random.split(rng, leading_size(x))
+                return jax.vmap(lambda xi, ki: call(xi, key=ki, **kwargs))(x, keys)
+            except RuntimeError as error:
+                if "requires a key" not in str(error) or (rng is not None and takes_key):
+                    raise
+                raise missing_rng("Equinox", error, rng) from error
+            except NameError as error:
+                if batched or "axis name" not in str(error):
+                    raise
+                raise ValueError(
+                    f"the Equinox module uses a named axis that batched=False does not "
+                    f"bind (an eqx.nn.BatchNorm(axis_name=...) in training mode?): "
+                    f"{error}. Call it in inference mode (eqx.nn.inference_mode(...) "
+                    f"in the factory), or pass batched=True with a module that maps the "
+                    f"batch itself (jax.vmap(..., axis_name=...)).") from error
 
         return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)
 

@@ -36,6 +36,7 @@ from ._base import (
     import_framework,
     loaded_module,
     make_init,
+    missing_rng,
     output_shape,
     unchanged,
 )
@@ -161,7 +162,12 @@ class HaikuAdapter:
             return shape, params
 
         def apply(params, x, rng=None, **kwargs):
-            out, state, new_state = call(params, x, rng, kwargs)
+            try:
+                out, state, new_state = call(params, x, rng, kwargs)
+            except ValueError as e:
+                if rng is not None or type(e).__name__ != "MissingRNGError":
+                    raise
+                raise missing_rng("Haiku", e, rng) from e
             if with_state and not mutable and not unchanged(state, new_state):
                 raise StateMutationError(
                     "this Haiku function writes state during apply (hk.set_state, e.g. "

@@ -33,6 +33,7 @@ from ._base import (
     import_framework,
     loaded_module,
     make_init,
+    missing_rng,
     shapes,
     stream_keys,
 )
@@ -135,6 +136,10 @@ class LinenAdapter:
                     f"must be None. To accept that, pass mutable=['<collection>'] (or "
                     f"mutable=True) to as_model; otherwise call the module in inference mode "
                     f"(e.g. train=False or use_running_average=True).") from e
+            except flax_errors.InvalidRngError as e:
+                if rng is not None:
+                    raise
+                raise missing_rng("Flax linen", e, rng) from e
             return out[0] if mutable else out
 
         return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)

@@ -241,3 +241,37 @@ def test_x2_none_blocks_mirror_when_the_rng_is_not_read(deterministic, monkeypat
         for name in ["nngp", "ntk"]:
             np.testing.assert_allclose(getattr(got, name), getattr(whole, name), rtol=1e-5,
                                        atol=1e-6)
+
+
+@pytest.mark.parametrize("framework", ["linen", "haiku", "equinox"])
+def test_an_empirical_kernel_without_rng_names_rng(framework, inputs):
+    """A model with dropout given no key says so in mcntk's terms (the framework's own
+    error is chained), and the same call with ``rng=`` works."""
+    x, _ = inputs
+    model = make_model(framework)
+    params = model.init(jax.random.PRNGKey(0), x.shape)[1]
+    kernel_fn = mcntk.empirical_kernel_fn(model.apply)
+    with pytest.raises(ValueError, match=r"called with `rng`=None.*rng=key") as info:
+        kernel_fn(x, None, "ntk", params)
+    assert info.value.__cause__ is not None
+    assert kernel_fn(x, None, "ntk", params, rng=jax.random.PRNGKey(1)).shape == (5, 5)
+
+
+def test_an_equinox_module_without_a_key_argument_says_so(inputs):
+    eqx = pytest.importorskip("equinox")
+    x, _ = inputs
+    model = adapters.equinox_model(
+        lambda key: eqx.nn.Sequential([eqx.nn.Linear(D, WIDTH, key=key), eqx.nn.Dropout(RATE)]))
+    params = model.init(jax.random.PRNGKey(0), x.shape)[1]
+    model.apply(params, x, rng=jax.random.PRNGKey(1))  # Sequential passes key on
+
+    class NoKey(eqx.Module):
+        inner: eqx.nn.Sequential
+
+        def __call__(self, x):
+            return self.inner(x)
+
+    model = adapters.equinox_model(lambda key: NoKey(eqx.nn.Sequential(
+        [eqx.nn.Linear(D, WIDTH, key=key), eqx.nn.Dropout(RATE)])))
+    with pytest.raises(ValueError, match="takes no `key` argument"):
+        model.init(jax.random.PRNGKey(0), x.shape)  # init calls it with a key for shapes

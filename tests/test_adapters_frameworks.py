@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import mcntk
 from mcntk import adapters
@@ -255,6 +256,106 @@ def test_equinox_static_parts_and_token_ids():
     assert shape == (5, 4) and params.offset is None
     out = model.apply(params, jnp.arange(5))
     np.testing.assert_allclose(out, params.table[1:6])
+
+
+def equinox_batchnorm(inference=True, store_state=False):
+    """A factory of an Equinox model with BatchNorm: ``(module, state)`` as
+    ``eqx.nn.make_with_state`` returns, or (``store_state``) a module holding its
+    state as a field and called as ``module(x)``."""
+    eqx = pytest.importorskip("equinox")
+
+    class Net(eqx.Module):
+        lin: eqx.nn.Linear
+        bn: eqx.nn.BatchNorm
+        out: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.lin = eqx.nn.Linear(3, 5, key=k1)
+            self.bn = eqx.nn.BatchNorm(5, axis_name="batch", mode="batch",
+                                       inference=inference)
+            self.out = eqx.nn.Linear(5, 2, key=k2)
+
+        def __call__(self, x, state):
+            h, state = self.bn(self.lin(x), state)
+            return self.out(jax.nn.relu(h)), state
+
+    class Holder(eqx.Module):  # a user's wrapper: the state as a field
+        net: Net
+        state: eqx.nn.State
+
+        def __call__(self, x):
+            return self.net(x, self.state)[0]
+
+    make = eqx.nn.make_with_state(Net)
+    return (lambda key: Holder(*make(key))) if store_state else make
+
+
+@pytest.mark.parametrize("store_state", [False, True], ids=["make_with_state", "field"])
+def test_equinox_state_is_held_fixed(store_state):
+    eqx = pytest.importorskip("equinox")
+    factory = equinox_batchnorm(store_state=store_state)
+    model = adapters.equinox_model(factory)
+    key = jax.random.PRNGKey(0)
+    shape, params = model.init(key, X.shape)
+    assert shape == (4, 2)
+    state = params.state if store_state else params[1]
+    assert isinstance(state, eqx.nn.State)
+    grads = state_cotangents(model, params, X)
+    assert_all_zero(grads.state if store_state else grads[1])
+    assert_any_nonzero(grads.net if store_state else grads[0])
+    # the output is the module's own, called on one example at a time
+    module = factory(key)
+    call = (lambda xi: module(xi)) if store_state else (lambda xi: module[0](xi, module[1])[0])
+    np.testing.assert_allclose(model.apply(params, X), jax.vmap(call)(X), rtol=1e-6)
+
+
+def test_equinox_state_is_not_differentiated_by_the_estimator():
+    """The NTK of a stateful model against explicit Jacobians with respect to the
+    module's parameters only (its BatchNorm statistics left out by hand)."""
+    eqx = pytest.importorskip("equinox")
+    factory = equinox_batchnorm()
+    key = jax.random.PRNGKey(1)
+    module, state = factory(key)
+    x1, x2 = X, X[::-1] * 2 + 0.3
+    trainable, rest = eqx.partition(module, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(trainable)
+
+    def f(theta, x):
+        net = eqx.combine(unravel(theta), rest)
+        return jax.vmap(lambda xi: net(xi, state)[0])(x)
+
+    j1 = jax.jacobian(f)(flat, x1)  # (4, 2, P)
+    j2 = jax.jacobian(f)(flat, x2)
+    # the traced output axis is averaged (trace_axes=(-1,))
+    expected = np.einsum("ikp,jkp->ij", np.asarray(j1, np.float64),
+                         np.asarray(j2, np.float64)) / j1.shape[1]
+    model = adapters.equinox_model(factory)
+    params = model.init(key, X.shape)[1]
+    for implementation in (1, 2, 3):
+        kernel_fn = mcntk.empirical_kernel_fn(model.apply, implementation=implementation)
+        got = kernel_fn(x1, x2, "ntk", params)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_equinox_state_errors():
+    model = adapters.equinox_model(equinox_batchnorm(inference=False))
+    with pytest.raises(ValueError, match="named axis.*inference_mode.*batched=True"):
+        model.init(jax.random.PRNGKey(0), X.shape)
+    eqx = pytest.importorskip("equinox")
+
+    class NoPair(eqx.Module):
+        lin: eqx.nn.Linear
+
+        def __init__(self, key):
+            self.lin = eqx.nn.Linear(3, 2, key=key)
+
+        def __call__(self, x, state):
+            return self.lin(x)
+
+    model = adapters.equinox_model(eqx.nn.make_with_state(NoPair))
+    with pytest.raises(TypeError, match=r"module\(x, state\) and must return \(output, state\)"):
+        model.init(jax.random.PRNGKey(0), X.shape)
 
 
 # --- options --------------------------------------------------------------------------
