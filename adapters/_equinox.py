@@ -62,6 +62,25 @@ def _is_stateful(eqx: Any, obj: Any) -> bool:
             and callable(obj[0]))
 
 
+def _check_state_indices(eqx: Any, abstract: Any, factory: Any) -> None:
+    """Rejects state indices that differ between calls of ``factory``.
+
+    ``init`` calls the factory once per sample and ``apply`` combines its arrays with
+    the static part of another call, so a ``StateIndex`` must be named the same way
+    each time: ``eqx.nn.make_with_state`` names them by their path in the model; one
+    made without it is named by a fresh ``object()``.
+    """
+    is_index = lambda node: isinstance(node, eqx.nn.StateIndex)
+    nodes = jax.tree.leaves(abstract, is_leaf=is_index)
+    if any(is_index(node) and not isinstance(node.marker, str) for node in nodes):
+        raise TypeError(
+            f"the Equinox factory {describe(factory)} builds a stateful module "
+            f"(eqx.nn.StateIndex, e.g. in eqx.nn.BatchNorm) without "
+            f"eqx.nn.make_with_state, so its state indices differ from one call to the "
+            f"next. Pass eqx.nn.make_with_state(Net) as the factory (it returns "
+            f"(module, state), and the module is called as module(x, state)).")
+
+
 def _hold_states_fixed(eqx: Any, params: Any) -> Any:
     """``params`` with the inexact leaves of every ``eqx.nn.State`` in it held fixed."""
     is_state = lambda node: isinstance(node, eqx.nn.State)
@@ -145,6 +164,7 @@ class EquinoxAdapter:
             raise TypeError(f"an Equinox factory must return a callable module or a pair "
                             f"(module, eqx.nn.State), got {describe(abstract)} from "
                             f"{describe(factory)}.")
+        _check_state_indices(eqx, abstract, factory)
         static = eqx.partition(abstract, _is_abstract_array)[1]
         takes_key = accepts_keyword(abstract[0] if stateful else abstract, "key",
                                     default=False, var_keyword=False)

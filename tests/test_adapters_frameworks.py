@@ -357,6 +357,22 @@ def test_equinox_state_errors():
     with pytest.raises(TypeError, match=r"module\(x, state\) and must return \(output, state\)"):
         model.init(jax.random.PRNGKey(0), X.shape)
 
+    class OwnState(eqx.Module):  # the state made by hand: its indices differ per call
+        lin: eqx.nn.Linear
+        bn: eqx.nn.BatchNorm
+        state: eqx.nn.State
+
+        def __init__(self, key):
+            self.lin = eqx.nn.Linear(3, 2, key=key)
+            self.bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="batch", inference=True)
+            self.state = eqx.nn.State(self.bn)
+
+        def __call__(self, x):
+            return self.bn(self.lin(x), self.state)[0]
+
+    with pytest.raises(TypeError, match="without eqx.nn.make_with_state"):
+        adapters.equinox_model(OwnState)
+
 
 # --- options --------------------------------------------------------------------------
 
