@@ -33,6 +33,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from ._base import (
     Model,
@@ -85,6 +86,21 @@ def _hold_states_fixed(eqx: Any, params: Any) -> Any:
     """``params`` with the inexact leaves of every ``eqx.nn.State`` in it held fixed."""
     is_state = lambda node: isinstance(node, eqx.nn.State)
     return jax.tree.map(lambda node: hold_fixed(node) if is_state(node) else node, params,
+                        is_leaf=is_state)
+
+
+def _computed_states(eqx: Any, params: Any) -> Any:
+    """``params`` with the leaves of every ``eqx.nn.State`` passed through a select.
+
+    ``eqx.nn.State.set`` requires an update to have the type of the old value. Inside
+    ``shard_map`` (the estimator's programs) a computed value's type names the mesh,
+    but a constant's (an initial state, which does not depend on the key) does not,
+    so a BatchNorm in training mode would be refused while ``init`` finds the output
+    shape. A select computes the same value.
+    """
+    is_state = lambda node: isinstance(node, eqx.nn.State)
+    computed = lambda state: jax.tree.map(lambda a: jnp.where(True, a, a), state)
+    return jax.tree.map(lambda node: computed(node) if is_state(node) else node, params,
                         is_leaf=is_state)
 
 
@@ -172,7 +188,7 @@ class EquinoxAdapter:
         def build(key, x, kwargs):
             params = eqx.filter(factory(key), eqx.is_array)
             return output_shape(functools.partial(apply, rng=dummy_key(), **kwargs),
-                                params, x), params
+                                _computed_states(eqx, params), x), params
 
         def apply(params, x, rng=None, **kwargs):
             combined = eqx.combine(_hold_states_fixed(eqx, params), static)
