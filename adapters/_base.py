@@ -264,24 +264,32 @@ def stream_keys(rng: Any, names: Sequence[str]) -> dict[str, Any]:
     return dict(zip(names, list(jax.random.split(rng, len(names)))))
 
 
-def missing_rng(framework: str, error: Exception, rng: Any) -> ValueError:
-    """The error for a model that asked for a random key ``apply`` could not give it.
+def missing_rng(framework: str, error: Exception, unreachable: str | None = None) -> ValueError:
+    """The error for a model that asked for a random key that ``apply`` could not give it.
 
-    ``rng`` is the key ``apply`` got: ``None`` (an empirical kernel called without
-    ``rng=``) or a key the model's call signature gives no way to pass.
+    Args:
+      framework: the framework's name, for the message.
+      error: the framework's own error (chain it: ``raise ... from error``).
+      unreachable: None when ``apply`` got ``rng=None``; else why the key it got cannot
+        reach the model, and what to do instead.
     """
-    if rng is None:
-        cause = "was called with `rng`=None"
-        remedy = ("Pass a key: kernel_fn(x1, x2, get, params, rng=key) for an empirical "
-                  "kernel (the Monte Carlo estimator passes one for every sample), or call "
-                  "the model deterministically (train=False, deterministic=True, "
-                  "inference=True, ...).")
-    else:
-        cause = "takes no `key` argument, so `rng` cannot reach it"
-        remedy = ("Give the module's __call__ a `key=None` keyword argument and pass it on "
-                  "to the layers that draw, or call them deterministically.")
-    return ValueError(f"this {framework} model draws random numbers (dropout?) but {cause}: "
-                      f"{type(error).__name__}: {error} {remedy}")
+    said = f"{type(error).__name__}: {str(error).rstrip('. ')}"
+    if unreachable is None:
+        return ValueError(
+            f"this {framework} model draws random numbers (dropout?) but was called with "
+            f"`rng`=None ({said}). Pass a key: kernel_fn(x1, x2, get, params, rng=key) "
+            f"for an empirical kernel (the Monte Carlo estimator passes one for every "
+            f"sample), or call the model deterministically (train=False, "
+            f"deterministic=True, inference=True, ...).")
+    return ValueError(f"this {framework} model draws random numbers (dropout?) but "
+                      f"{unreachable} ({said}).")
+
+
+def shape_of(out: Any) -> str:
+    """``out`` described by its structure and array shapes (tracers included)."""
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a, out)
+    return describe(abstract)
 
 
 def hold_fixed(tree: PyTree) -> PyTree:

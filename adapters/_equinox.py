@@ -30,6 +30,7 @@ with a TypeError that asks for a factory.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -50,6 +51,7 @@ from ._base import (
     make_init,
     missing_rng,
     output_shape,
+    shape_of,
 )
 
 
@@ -104,14 +106,36 @@ def _computed_states(eqx: Any, params: Any) -> Any:
                         is_leaf=is_state)
 
 
+def _takes_state(module: Any) -> bool:
+    """Whether ``module`` can be called as ``module(x, state)``."""
+    try:
+        params = inspect.signature(module).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    kinds = [p.kind for p in params]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (sum(k in positional for k in kinds) >= 2
+            or inspect.Parameter.VAR_POSITIONAL in kinds)
+
+
 def _output(eqx: Any, out: Any) -> Any:
     """The output of a stateful module's call ``(output, state)``."""
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], eqx.nn.State)):
         raise TypeError(
             f"the Equinox factory returned (module, state), so the module is called as "
             f"module(x, state) and must return (output, state); it returned "
-            f"{describe(out)}.")
+            f"{shape_of(out)}.")
     return out[0]
+
+
+def _refused_update(error: Exception) -> ValueError:
+    """The error for an ``eqx.nn.State.set`` that refused an update in mcntk's programs."""
+    return ValueError(
+        f"eqx.nn.State.set refused a state update inside mcntk's programs "
+        f"({str(error).rstrip('. ')}). They run under jax.shard_map, where a constant "
+        f"written to the state (as eqx.nn.BatchNorm(mode='ema') does in training mode) "
+        f"has another type than the value it replaces. Use eqx.nn.BatchNorm(..., "
+        f"mode='batch') for training mode, or inference mode.")
 
 
 def _is_module_instance(eqx: Any, obj: Any) -> bool:
@@ -180,6 +204,11 @@ class EquinoxAdapter:
             raise TypeError(f"an Equinox factory must return a callable module or a pair "
                             f"(module, eqx.nn.State), got {describe(abstract)} from "
                             f"{describe(factory)}.")
+        if stateful and not _takes_state(abstract[0]):
+            raise TypeError(
+                f"the Equinox factory {describe(factory)} returned (module, state), so the "
+                f"module is called as module(x, state) -> (output, state), but "
+                f"{type(abstract[0]).__qualname__}.__call__ takes no state argument.")
         _check_state_indices(eqx, abstract, factory)
         static = eqx.partition(abstract, _is_abstract_array)[1]
         takes_key = accepts_keyword(abstract[0] if stateful else abstract, "key",
@@ -208,16 +237,26 @@ class EquinoxAdapter:
             except RuntimeError as error:
                 if "requires a key" not in str(error) or (rng is not None and takes_key):
                     raise
-                raise missing_rng("Equinox", error, rng) from error
+                if rng is None:
+                    raise missing_rng("Equinox", error) from error
+                raise missing_rng(
+                    "Equinox", error, "its __call__ takes no `key` argument, so `rng` "
+                    "cannot reach it: give it `key=None` and pass that on to the layers that "
+                    "draw, or call them deterministically") from error
             except NameError as error:
-                if batched or "axis name" not in str(error):
+                if batched or "unbound axis name" not in str(error):
                     raise
                 raise ValueError(
                     f"the Equinox module uses a named axis that batched=False does not "
                     f"bind (an eqx.nn.BatchNorm(axis_name=...) in training mode?): "
-                    f"{error}. Call it in inference mode (eqx.nn.inference_mode(...) "
-                    f"in the factory), or pass batched=True with a module that maps the "
-                    f"batch itself (jax.vmap(..., axis_name=...)).") from error
+                    f"{str(error).rstrip('. ')}. Call it in inference mode "
+                    f"(eqx.nn.inference_mode(...) in the factory), or pass batched=True "
+                    f"with a module that maps the batch itself (jax.vmap(..., "
+                    f"axis_name=...)).") from error
+            except ValueError as error:
+                if not (stateful and "Old and new values have different" in str(error)):
+                    raise
+                raise _refused_update(error) from error
 
         return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)
 

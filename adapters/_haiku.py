@@ -143,6 +143,18 @@ class HaikuAdapter:
 
         def call(params, x, rng, kwargs):
             """``(output, leaves of the state before, state after)`` of one raw Haiku apply."""
+            try:
+                return raw_call(params, x, rng, kwargs)
+            except ValueError as e:
+                if type(e).__name__ != "MissingRNGError" or (rng is not None and uses_rng):
+                    raise
+                if rng is None:
+                    raise missing_rng("Haiku", e) from e
+                raise missing_rng("Haiku", e, "its apply takes no rng (hk.without_apply_rng), "
+                                  "so `rng` cannot reach it: transform it without "
+                                  "hk.without_apply_rng") from e
+
+        def raw_call(params, x, rng, kwargs):
             rng_args = (rng,) if uses_rng else ()
             if not with_state:
                 return f.apply(params, *rng_args, x, **kwargs), None, None
@@ -162,12 +174,7 @@ class HaikuAdapter:
             return shape, params
 
         def apply(params, x, rng=None, **kwargs):
-            try:
-                out, state, new_state = call(params, x, rng, kwargs)
-            except ValueError as e:
-                if rng is not None or type(e).__name__ != "MissingRNGError":
-                    raise
-                raise missing_rng("Haiku", e, rng) from e
+            out, state, new_state = call(params, x, rng, kwargs)
             if with_state and not mutable and not unchanged(state, new_state):
                 raise StateMutationError(
                     "this Haiku function writes state during apply (hk.set_state, e.g. "

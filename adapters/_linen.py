@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,19 @@ def check_mutable(mutable: Any) -> bool | tuple[str, ...]:
         return tuple(mutable) or False
     raise TypeError(f"`mutable` must be False, True, a collection name or a list of names "
                     f"such as ['batch_stats'], got {mutable!r}.")
+
+
+def _rng_error(error: Exception, rng: Any, streams: tuple[str, ...]) -> Exception:
+    """The error for a module that asked for a key of a stream ``apply`` did not give."""
+    found = re.search(r'needs PRNG for "([^"]+)"', str(error))
+    stream = found.group(1) if found else None
+    if stream is not None and stream not in streams:
+        return missing_rng(
+            "Flax linen", error,
+            f"draws from the rng stream {stream!r}, which is not in `rng_streams`="
+            f"{streams!r}, so `rng` does not reach it: pass "
+            f"as_model(module, rng_streams={(*streams, stream)!r})")
+    return missing_rng("Flax linen", error) if rng is None else error
 
 
 class LinenAdapter:
@@ -137,9 +151,7 @@ class LinenAdapter:
                     f"mutable=True) to as_model; otherwise call the module in inference mode "
                     f"(e.g. train=False or use_running_average=True).") from e
             except flax_errors.InvalidRngError as e:
-                if rng is not None:
-                    raise
-                raise missing_rng("Flax linen", e, rng) from e
+                raise _rng_error(e, rng, streams) from e
             return out[0] if mutable else out
 
         return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)

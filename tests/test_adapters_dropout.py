@@ -275,3 +275,35 @@ def test_an_equinox_module_without_a_key_argument_says_so(inputs):
         [eqx.nn.Linear(D, WIDTH, key=key), eqx.nn.Dropout(RATE)])))
     with pytest.raises(ValueError, match="takes no `key` argument"):
         model.init(jax.random.PRNGKey(0), x.shape)  # init calls it with a key for shapes
+
+
+def test_a_linen_stream_outside_rng_streams_names_rng_streams(inputs):
+    nn = pytest.importorskip("flax.linen")
+    x, _ = inputs
+
+    class Noisy(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(WIDTH)(x)
+            return nn.Dense(OUT)(h + jax.random.normal(self.make_rng("noise"), h.shape))
+
+    model = adapters.as_model(Noisy())
+    params = model.init(jax.random.PRNGKey(0), x.shape)[1]
+    for rng in (None, jax.random.PRNGKey(1)):
+        with pytest.raises(ValueError, match=r"rng stream 'noise'.*"
+                                             r"rng_streams=\('dropout', 'noise'\)"):
+            model.apply(params, x, rng=rng)
+    fixed = adapters.as_model(Noisy(), rng_streams=("dropout", "noise"))
+    assert fixed.apply(params, x, rng=jax.random.PRNGKey(1)).shape == (5, OUT)
+
+
+def test_haiku_without_apply_rng_that_draws_says_so(inputs):
+    hk = pytest.importorskip("haiku")
+    x, _ = inputs
+
+    def f(x):
+        return hk.dropout(hk.next_rng_key(), RATE, hk.Linear(OUT)(x))
+
+    with pytest.raises(ValueError, match="hk.without_apply_rng"):
+        adapters.as_model(hk.without_apply_rng(hk.transform(f))).init(jax.random.PRNGKey(0),
+                                                                       x.shape)

@@ -368,6 +368,27 @@ def test_equinox_batchnorm_in_training_mode_through_the_estimator():
     np.testing.assert_allclose(got.ntk, expected["ntk"], rtol=1e-5, atol=1e-6)
 
 
+def test_equinox_ema_batchnorm_in_training_mode_says_to_use_batch_mode():
+    """mode='ema' writes a constant to its state, which eqx.nn.State.set refuses under
+    the estimator's shard_map: an error in mcntk's terms."""
+    eqx = pytest.importorskip("equinox")
+
+    class Net(eqx.Module):
+        bn: eqx.nn.BatchNorm
+
+        def __init__(self, key):
+            self.bn = eqx.nn.BatchNorm(3, axis_name="batch", mode="ema")
+
+        def __call__(self, x, state):
+            return jax.vmap(self.bn, axis_name="batch", in_axes=(0, None),
+                            out_axes=(0, None))(x, state)
+
+    model = adapters.equinox_model(eqx.nn.make_with_state(Net), batched=True)
+    with pytest.raises(ValueError, match="State.set refused.*mode='batch'"):
+        mcntk.monte_carlo_kernel_fn(model, key=jax.random.PRNGKey(0), n_samples=1)(X, None,
+                                                                                   "nngp")
+
+
 def test_equinox_state_errors():
     model = adapters.equinox_model(equinox_batchnorm(inference=False))
     with pytest.raises(ValueError, match="named axis.*inference_mode.*batched=True"):
@@ -402,6 +423,10 @@ def test_equinox_state_errors():
 
     with pytest.raises(TypeError, match="without eqx.nn.make_with_state"):
         adapters.equinox_model(OwnState)
+
+    with pytest.raises(TypeError, match="takes no state argument"):  # a stateless module
+        adapters.equinox_model(lambda key: (eqx.nn.MLP(3, 2, 4, 1, key=key),
+                                            eqx.nn.make_with_state(OwnState)(key)[1]))
 
 
 # --- options --------------------------------------------------------------------------
