@@ -23,7 +23,15 @@ from mcntk._types import (
     pack_result,
     unpack_implementation,
 )
-from mcntk.ntk import auto
+from mcntk.ntk import _program, auto
+
+
+def _reads_rng(apply_fn: Callable, params: PyTree, x: PyTree, kwargs: dict) -> bool:
+    """Whether ``apply_fn(params, x, **kwargs)`` depends on ``kwargs['rng']`` (a model
+    without dropout or other draws ignores it)."""
+    rest = {k: v for k, v in kwargs.items() if k != "rng"}
+    program = _program.trace(lambda key: apply_fn(params, x, rng=key, **rest), kwargs["rng"])
+    return any(program.read_inputs())
 
 
 class KernelSpec:
@@ -138,7 +146,8 @@ class KernelSpec:
             fx1 = side1.fn(params)
             fx2 = fx1 if side2 is None else side2.fn(params)
         if "nngp" in names:
-            if side1.per_example is not None and "rng" in kw1 and self.vmap_axes is not None:
+            if (side1.per_example is not None and "rng" in kw1 and self.vmap_axes is not None
+                    and _reads_rng(apply_fn, params, x1, kw1)):
                 # random streams are drawn per call: the NNGP sees the whole batch's draws,
                 # as neural-tangents' does, whatever the NTK's per-example calls saw
                 # (detected per-example axes come with a proof that nothing is drawn)

@@ -555,3 +555,60 @@ def test_pairwise_contraction_keeps_einsum_types_for_integers(dtype):
     want = jnp.einsum(a, [0, 1, 2], b, [3, 1], [0, 3])
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_program_inputs_read_by_the_outputs():
+    """A key split but never drawn from is not read; one drawn from is."""
+    def f(a, key, c):
+        jax.random.split(key)  # results unused
+        return a * 2 + c
+
+    assert _program.trace(f, 1.0, jax.random.PRNGKey(0), 2.0).read_inputs() == [
+        True, False, True]
+    g = lambda a, key: a + jax.random.normal(key, ())
+    assert _program.trace(g, 1.0, jax.random.PRNGKey(0)).read_inputs() == [True, True]
+
+
+def _dot_count(closed):
+    """``dot_general`` equations in a jaxpr and the jaxprs inside it."""
+    count = 0
+    for eqn in closed.jaxpr.eqns:
+        count += eqn.primitive.name == "dot_general"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+                    count += _dot_count(sub)
+    return count
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_draws", "dropout"])
+def test_sides_share_one_batch_when_the_model_ignores_rng(dropout):
+    """The estimator gives f(x2) its own dropout key. A model that never reads it gets
+    one batch of x1's and x2's examples for the NTK and no second forward pass for the
+    NNGP: the same program as with one key. A model with dropout keeps both."""
+    from mcntk.empirical import KernelSpec
+    layers = [stax.Dense(16), stax.Relu] + ([stax.Dropout(0.5)] if dropout else []) + [
+        stax.Dense(3)]
+    init_fn, apply_fn = stax_serial(*layers)
+    params = init_fn(jax.random.PRNGKey(0), (4, 5))[1]
+    x1, x2 = _x(1, (4, 5)), _x(2, (4, 5))
+    spec = KernelSpec(apply_fn, (-1,), (), 0, mcntk.NtkImplementation.AUTO, True)
+    k1, k2 = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
+    names = ("nngp", "ntk")
+
+    def program(key2, names=names):
+        return _dot_count(jax.make_jaxpr(lambda p: spec.kernels(
+            names, p, x1, x2, {"rng": k1}, {"rng": key2}, mcntk.NtkImplementation(SD)))(params))
+
+    two_keys, one_key = program(k2), program(k1)
+    assert (two_keys > one_key) if dropout else (two_keys == one_key)
+    # the NNGP adds its own contraction (one product), and a forward pass per side
+    # only for a model that draws
+    added = two_keys - program(k2, ("ntk",))
+    assert (added > 1) if dropout else (added == 1)
+    got = spec.kernels(names, params, x1, x2, {"rng": k1}, {"rng": k2},
+                       mcntk.NtkImplementation(SD))
+    want = spec.kernels(names, params, x1, x2, {"rng": k1}, {"rng": k2},
+                        mcntk.NtkImplementation(JC))
+    assert_close(got["ntk"], want["ntk"])
+    assert_close(got["nngp"], want["nngp"])

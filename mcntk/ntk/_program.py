@@ -119,6 +119,16 @@ class Program:
                     env[var] = ref
         return [read(a) for a in jaxpr.outvars]
 
+    def read_inputs(self) -> list[bool]:
+        """For each input, whether the outputs depend on it. An input read only on the
+        way to results nobody uses (a key split but never drawn from) is not; one read
+        by an equation with side effects is."""
+        live = set(self.outputs)
+        for node in reversed(self.nodes):
+            if node.eqn.effects or any(r is not None and r in live for r in node.outs):
+                live.update(node.ins)
+        return [r in live for r in self.inputs]
+
     def consumers(self) -> dict[Ref, list[tuple[int, int]]]:
         """For each id, the ``(node index, operand position)`` pairs that read it."""
         out: dict[Ref, list[tuple[int, int]]] = {}
