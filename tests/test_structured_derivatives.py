@@ -582,10 +582,10 @@ def _dot_count(closed):
 
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_draws", "dropout"])
-def test_sides_share_one_batch_when_the_model_ignores_rng(dropout):
-    """The estimator gives f(x2) its own dropout key. A model that never reads it gets
-    one batch of x1's and x2's examples for the NTK and no second forward pass for the
-    NNGP: the same program as with one key. A model with dropout keeps both."""
+def test_nngp_reuses_the_ntk_outputs_when_the_model_ignores_rng(dropout):
+    """With per-example NTK derivatives and an ``rng``, the NNGP takes whole-batch
+    outputs (dropout masks drawn per call, as neural-tangents draws them), but only for
+    a model that reads ``rng``: one that never does reuses the NTK's outputs."""
     from mcntk.empirical import KernelSpec
     layers = [stax.Dense(16), stax.Relu] + ([stax.Dropout(0.5)] if dropout else []) + [
         stax.Dense(3)]
@@ -600,11 +600,9 @@ def test_sides_share_one_batch_when_the_model_ignores_rng(dropout):
         return _dot_count(jax.make_jaxpr(lambda p: spec.kernels(
             names, p, x1, x2, {"rng": k1}, {"rng": key2}, mcntk.NtkImplementation(SD)))(params))
 
-    two_keys, one_key = program(k2), program(k1)
-    assert (two_keys > one_key) if dropout else (two_keys == one_key)
     # the NNGP adds its own contraction (one product), and a forward pass per side
     # only for a model that draws
-    added = two_keys - program(k2, ("ntk",))
+    added = program(k2) - program(k2, ("ntk",))
     assert (added > 1) if dropout else (added == 1)
     got = spec.kernels(names, params, x1, x2, {"rng": k1}, {"rng": k2},
                        mcntk.NtkImplementation(SD))

@@ -170,11 +170,9 @@ def _split(ev: _Evaluated, n1: int) -> tuple[_Evaluated, _Evaluated]:
                              cotangents=cotangents[k]) for k in (0, 1))
 
 
-def _joint(side1: Side, side2: Side, program: _program.Program) -> tuple[Side, int] | None:
+def _joint(side1: Side, side2: Side) -> tuple[Side, int] | None:
     """One side holding x1's examples then x2's, when both sides evaluate the same
-    per-example program (same shapes, same shared keyword values, or shared values that
-    ``program``, x1's, does not read: f(x2)'s own dropout key for a model without
-    dropout); and x1's count."""
+    per-example program (same shapes, same shared keyword values); and x1's count."""
     pe1, pe2 = side1.per_example, side2.per_example
     if pe1 is None or pe2 is None or pe1.kw_axes != pe2.kw_axes:
         return None
@@ -186,11 +184,10 @@ def _joint(side1: Side, side2: Side, program: _program.Program) -> tuple[Side, i
     if treedef != treedef2 or axes != jax.tree.leaves(pe2.x_axes, is_leaf=lambda a: a is None):
         return None
     pairs = list(zip(x1 + pe1.kw_leaves, x2 + pe2.kw_leaves, axes + list(pe1.kw_axes)))
-    read = program.read_inputs()[len(program.inputs) - len(pairs):]  # after the params
     counts = set()
-    for (a, b, axis), used in zip(pairs, read):
+    for a, b, axis in pairs:
         if axis is None:
-            if a is not b and used:
+            if a is not b:
                 return None
             continue
         if (jnp.result_type(a) != jnp.result_type(b) or jnp.ndim(a) != jnp.ndim(b) or any(
@@ -243,7 +240,7 @@ def ntk(side1: Side, side2: Side | None, params: PyTree, axes: Axes, options: Op
     if side2 is None:
         struct1, _ = _structure.pair(struct1, struct1)
         ev1 = ev2 = _evaluate(side1, prog1, struct1, params)
-    elif not options.separate_sides and (joint := _joint(side1, side2, prog1)) is not None:
+    elif not options.separate_sides and (joint := _joint(side1, side2)) is not None:
         # one batch of x1's and x2's examples
         struct1, _ = _structure.pair(struct1, struct1)
         ev1, ev2 = _split(_evaluate(joint[0], prog1, struct1, params), joint[1])
