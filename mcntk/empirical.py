@@ -34,6 +34,16 @@ def _reads_rng(apply_fn: Callable, params: PyTree, x: PyTree, kwargs: dict) -> b
     return any(program.read_inputs())
 
 
+def _either_reads_rng(apply_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | None,
+                      kw1: dict, kw2: dict) -> bool:
+    """Whether f(x1) or f(x2) (x2 None: x1 with ``kw2``) depends on its ``rng``: each
+    side's keyword arguments (a flag given as a pair) and shapes may differ."""
+    sides = [(x1, kw1)]
+    if x2 is not None or kw2 is not kw1:
+        sides.append((x1 if x2 is None else x2, kw2))
+    return any("rng" in kw and _reads_rng(apply_fn, params, x, kw) for x, kw in sides)
+
+
 class KernelSpec:
     """Everything about a kernel that does not depend on the inputs (validated once)."""
 
@@ -146,8 +156,8 @@ class KernelSpec:
             fx1 = side1.fn(params)
             fx2 = fx1 if side2 is None else side2.fn(params)
         if "nngp" in names:
-            if (side1.per_example is not None and "rng" in kw1 and self.vmap_axes is not None
-                    and _reads_rng(apply_fn, params, x1, kw1)):
+            if (side1.per_example is not None and self.vmap_axes is not None
+                    and _either_reads_rng(apply_fn, params, x1, x2, kw1, kw2)):
                 # random streams are drawn per call: the NNGP sees the whole batch's draws,
                 # as neural-tangents' does, whatever the NTK's per-example calls saw
                 # (detected per-example axes come with a proof that nothing is drawn)
@@ -184,7 +194,9 @@ class KernelSpec:
             self._checked.add(key)
         except TypeError:  # unhashable static values: check every time
             pass
-        if self.vmap_axes is not None and "rng" not in kw1:
+        # a model that reads rng draws other masks per example: nothing to compare
+        if self.vmap_axes is not None and (
+                "rng" not in kw1 or not _reads_rng(self.apply_fn, params, x1, kw1)):
             self.check_declared_axes(params, x1, kw1)
         rng = {"rng": kw1["rng"]} if "rng" in kw1 else {}
         apply_fn = lambda p, x, **kw: self.apply_fn(p, x, **kw, **rng)

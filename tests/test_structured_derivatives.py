@@ -610,3 +610,42 @@ def test_nngp_reuses_the_ntk_outputs_when_the_model_ignores_rng(dropout):
                         mcntk.NtkImplementation(JC))
     assert_close(got["ntk"], want["ntk"])
     assert_close(got["nngp"], want["nngp"])
+
+
+def _init_two_layers(key, shape):
+    k1, k2 = jax.random.split(key)
+    return (shape[0], 3), (jax.random.normal(k1, (shape[-1], 8)),
+                           jax.random.normal(k2, (8, 3)))
+
+
+def _dropout_in_training(params, x, rng=None, train=False):
+    h = jnp.tanh(x @ params[0])
+    if train:
+        h = jnp.where(jax.random.bernoulli(rng, 0.5, h.shape), h * 2, 0.0)
+    return h @ params[1]
+
+
+def test_nngp_draws_for_the_side_that_reads_rng():
+    """Only f(x2) draws (a flag given as a pair): its NNGP outputs are still the whole
+    batch's, as in neural-tangents' key schedule (the reference)."""
+    key = jax.random.PRNGKey(5)
+    x1, x2 = _x(1, (4, 5)), _x(2, (3, 5))
+    kernel_fn = mcntk.monte_carlo_kernel_fn(_init_two_layers, _dropout_in_training, key, 2,
+                                            vmap_axes=0)
+    got = kernel_fn(x1, x2, ("nngp", "ntk"), train=(False, True))
+    want = monte_carlo(_init_two_layers, _dropout_in_training, key, 2, x1, x2,
+                       kwargs={"train": False}, kwargs2={"train": True})
+    assert_close(got.nngp, want["nngp"])
+
+
+def test_declared_vmap_axes_are_checked_when_rng_is_unused():
+    """An empirical kernel with ``rng=`` checks a declared ``vmap_axes`` like one
+    without, when the model never reads ``rng`` (here its examples interact)."""
+    def centred(params, x, rng=None):
+        h = jnp.tanh(x @ params[0])
+        return (h - h.mean(0, keepdims=True)) @ params[1]
+
+    params = _init_two_layers(jax.random.PRNGKey(0), (4, 5))[1]
+    kernel_fn = mcntk.empirical_kernel_fn(centred, vmap_axes=0)
+    with pytest.raises(ValueError, match="`vmap_axes`"):
+        kernel_fn(_x(1, (4, 5)), None, ("nngp", "ntk"), params, rng=jax.random.PRNGKey(1))
