@@ -84,15 +84,15 @@ def _check_state_indices(eqx: Any, abstract: Any, factory: Any) -> None:
             f"(module, state), and the module is called as module(x, state)).")
 
 
-def _hold_states_fixed(eqx: Any, params: Any) -> Any:
-    """``params`` with the inexact leaves of every ``eqx.nn.State`` in it held fixed."""
+def _map_states(eqx: Any, fn: Any, params: Any) -> Any:
+    """``params`` with ``fn`` applied to every ``eqx.nn.State`` in it."""
     is_state = lambda node: isinstance(node, eqx.nn.State)
-    return jax.tree.map(lambda node: hold_fixed(node) if is_state(node) else node, params,
+    return jax.tree.map(lambda node: fn(node) if is_state(node) else node, params,
                         is_leaf=is_state)
 
 
-def _computed_states(eqx: Any, params: Any) -> Any:
-    """``params`` with the leaves of every ``eqx.nn.State`` passed through a select.
+def _computed(state: Any) -> Any:
+    """``state`` with every leaf passed through a select.
 
     ``eqx.nn.State.set`` requires an update to have the type of the old value. Inside
     ``shard_map`` (the estimator's programs) a computed value's type names the mesh,
@@ -100,10 +100,7 @@ def _computed_states(eqx: Any, params: Any) -> Any:
     so a BatchNorm in training mode would be refused while ``init`` finds the output
     shape. A select computes the same value.
     """
-    is_state = lambda node: isinstance(node, eqx.nn.State)
-    computed = lambda state: jax.tree.map(lambda a: jnp.where(True, a, a), state)
-    return jax.tree.map(lambda node: computed(node) if is_state(node) else node, params,
-                        is_leaf=is_state)
+    return jax.tree.map(lambda a: jnp.where(True, a, a), state)
 
 
 def _takes_state(module: Any) -> bool:
@@ -217,10 +214,10 @@ class EquinoxAdapter:
         def build(key, x, kwargs):
             params = eqx.filter(factory(key), eqx.is_array)
             return output_shape(functools.partial(apply, rng=dummy_key(), **kwargs),
-                                _computed_states(eqx, params), x), params
+                                _map_states(eqx, _computed, params), x), params
 
         def apply(params, x, rng=None, **kwargs):
-            combined = eqx.combine(_hold_states_fixed(eqx, params), static)
+            combined = eqx.combine(_map_states(eqx, hold_fixed, params), static)
             if stateful:
                 module, state = combined
                 call = lambda xi, **kw: _output(eqx, module(xi, state, **kw))

@@ -151,7 +151,10 @@ class LinenAdapter:
                     f"mutable=True) to as_model; otherwise call the module in inference mode "
                     f"(e.g. train=False or use_running_average=True).") from e
             except flax_errors.InvalidRngError as e:
-                raise _rng_error(e, rng, streams) from e
+                explained = _rng_error(e, rng, streams)
+                if explained is e:
+                    raise
+                raise explained from e
             return out[0] if mutable else out
 
         return Model(make_init(build, dtype=dtype, init_kwargs=init_kw), apply)
