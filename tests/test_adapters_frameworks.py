@@ -377,7 +377,9 @@ def test_equinox_ema_batchnorm_in_training_mode_says_to_use_batch_mode():
         bn: eqx.nn.BatchNorm
 
         def __init__(self, key):
-            self.bn = eqx.nn.BatchNorm(3, axis_name="batch", mode="ema")
+            # float32 statistics for float32 inputs, also under x64 (its 'ema' mode
+            # mixes them with lax.select, which needs equal dtypes)
+            self.bn = eqx.nn.BatchNorm(3, axis_name="batch", mode="ema", dtype=jnp.float32)
 
         def __call__(self, x, state):
             return jax.vmap(self.bn, axis_name="batch", in_axes=(0, None),
